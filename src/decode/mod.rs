@@ -1,0 +1,365 @@
+//! Debezium message → [`ChangeEvent`].
+//!
+//! Debezium Server publishes one AMQP message per record. The body is the record *value* as
+//! JSON, in one of three shapes, which we detect per message (a queue may carry several):
+//!
+//! 1. **Envelope with schema** (`value.converter.schemas.enable=true`):
+//!    `{"schema": {...}, "payload": {"before", "after", "source", "op", ...}}`.
+//!    The schema lets us turn Kafka Connect logical types (decimals as base64, timestamps as
+//!    epoch micros) back into readable values; see [`logical`].
+//! 2. **Bare payload** (schemas disabled): just `{"before", "after", "source", "op", ...}`.
+//! 3. **Unwrapped row** (the `ExtractNewRecordState` SMT): the row itself, with optional
+//!    metadata columns `__op`, `__table`, `__deleted`, `__lsn`, `__source_ts_ms`, ... —
+//!    possibly inside a `{schema, payload}` wrapper too.
+//!
+//! A *tombstone* (body `default`, empty, `null`, or payload `null`) follows every delete so
+//! that Kafka can compact the key away. It carries nothing for us.
+//!
+//! Anything we cannot read is a [`DecodeError`]: the pipeline dead-letters the message with
+//! the error as the reason. Decoding never panics on input.
+
+mod logical;
+
+use serde_json::{Map, Value};
+
+use crate::model::{Change, ChangeEvent, Ignored, Op, PositionAt, Row, SourcePosition, TableName};
+
+/// The result of decoding one message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    /// A change to apply.
+    Change(Box<ChangeEvent>),
+    /// A message to acknowledge without writing anything.
+    Ignored(Ignored),
+}
+
+/// Why a message cannot be decoded. Always poison: the same bytes will fail the same way.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+fn fail<T>(message: impl Into<String>) -> Result<T, DecodeError> {
+    Err(DecodeError(message.into()))
+}
+
+/// Decodes one message body. `routing_key` (Debezium's topic `<prefix>.<schema>.<table>`
+/// under `routingKey.source=topic`) names the table when the body does not.
+pub fn decode(body: &[u8], routing_key: &str) -> Result<Decoded, DecodeError> {
+    let text = match std::str::from_utf8(body) {
+        Ok(t) => t.trim(),
+        Err(e) => return fail(format!("body is not UTF-8: {e}")),
+    };
+    if text.is_empty() || text == "default" || text == "null" {
+        return Ok(Decoded::Ignored(Ignored::Tombstone));
+    }
+    let value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return fail(format!("body is not JSON: {e}")),
+    };
+    let Value::Object(object) = value else {
+        return fail("body is JSON but not an object");
+    };
+
+    // Shape 1 (or an unwrapped row with schema): exactly {schema, payload}.
+    let (payload, schema) = match split_envelope(object) {
+        Envelope::WithSchema { payload, schema } => match payload {
+            Value::Null => return Ok(Decoded::Ignored(Ignored::Tombstone)),
+            Value::Object(p) => (p, Some(schema)),
+            _ => return fail("`payload` is neither an object nor null"),
+        },
+        Envelope::Bare(object) => (object, None),
+    };
+
+    if is_debezium_envelope(&payload) {
+        decode_envelope(payload, schema.as_ref(), routing_key)
+    } else if let Some(ignored) = classify_non_row(&payload) {
+        Ok(Decoded::Ignored(ignored))
+    } else {
+        decode_unwrapped(payload, schema.as_ref(), routing_key)
+    }
+}
+
+enum Envelope {
+    WithSchema { payload: Value, schema: Value },
+    Bare(Map<String, Value>),
+}
+
+fn split_envelope(mut object: Map<String, Value>) -> Envelope {
+    if object.len() == 2 && object.contains_key("schema") && object.contains_key("payload") {
+        let payload = object.remove("payload").unwrap_or(Value::Null);
+        let schema = object.remove("schema").unwrap_or(Value::Null);
+        Envelope::WithSchema { payload, schema }
+    } else {
+        Envelope::Bare(object)
+    }
+}
+
+/// A Debezium change envelope has `op` and `source`.
+fn is_debezium_envelope(payload: &Map<String, Value>) -> bool {
+    payload.contains_key("op") && payload.contains_key("source")
+}
+
+/// Transaction metadata, heartbeats and schema-change events share the queue on some setups.
+fn classify_non_row(payload: &Map<String, Value>) -> Option<Ignored> {
+    let has = |k: &str| payload.contains_key(k);
+    if has("status") && has("id") && (has("event_count") || has("data_collections")) {
+        return Some(Ignored::Transaction);
+    }
+    if has("ddl") || has("tableChanges") || has("databaseName") && has("schemaName") {
+        return Some(Ignored::SchemaChange);
+    }
+    if payload.len() == 1 && has("ts_ms") {
+        return Some(Ignored::Heartbeat);
+    }
+    None
+}
+
+fn decode_envelope(
+    mut payload: Map<String, Value>,
+    schema: Option<&Value>,
+    routing_key: &str,
+) -> Result<Decoded, DecodeError> {
+    let op_letter = match payload.get("op") {
+        Some(Value::String(s)) => s.clone(),
+        other => return fail(format!("`op` must be a string, got {}", short(other))),
+    };
+    if op_letter == "m" {
+        return Ok(Decoded::Ignored(Ignored::LogicalMessage));
+    }
+    let Some(op) = Op::from_letter(&op_letter) else {
+        return fail(format!(
+            "unknown op `{op_letter}` (expected c, u, r, d, t or m)"
+        ));
+    };
+    let source = match payload.remove("source") {
+        Some(Value::Object(s)) => s,
+        other => {
+            return fail(format!(
+                "`source` must be an object, got {}",
+                short(other.as_ref())
+            ));
+        }
+    };
+    let table = table_from_source(&source, routing_key)?;
+    let position = position_from_source(&source);
+    let source_ts_ms = source.get("ts_ms").and_then(Value::as_i64);
+
+    let field_schema = |name: &str| schema.and_then(|s| logical::field_schema(s, name));
+    let mut image = |name: &str| -> Result<Option<Row>, DecodeError> {
+        match payload.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(row)) => Ok(Some(row)),
+            Some(other) => fail(format!(
+                "`{name}` must be an object or null, got {}",
+                short(Some(&other))
+            )),
+        }
+    };
+    let (change, raw, row_schema) = match op {
+        Op::Create | Op::Update | Op::Read => match image("after")? {
+            Some(row) => (Change::Upsert(Row::new()), row, field_schema("after")),
+            None => return fail(format!("op `{op_letter}` without an `after` row")),
+        },
+        Op::Delete => match image("before")? {
+            Some(row) => (Change::Delete(Row::new()), row, field_schema("before")),
+            None => return fail("op `d` without a `before` row: the deleted key is unknown"),
+        },
+        Op::Truncate => {
+            return Ok(Decoded::Change(Box::new(ChangeEvent {
+                table,
+                op,
+                change: Change::Truncate,
+                position,
+                source_ts_ms,
+                unavailable: Vec::new(),
+            })));
+        }
+    };
+    let (row, unavailable) = logical::convert_row(raw, row_schema)?;
+    let change = match change {
+        Change::Upsert(_) => Change::Upsert(row),
+        _ => Change::Delete(row),
+    };
+    Ok(Decoded::Change(Box::new(ChangeEvent {
+        table,
+        op,
+        change,
+        position,
+        source_ts_ms,
+        unavailable,
+    })))
+}
+
+/// An `ExtractNewRecordState` row. Metadata columns (`__op`, `__table`, `__deleted`, ...)
+/// are read and removed; what remains is the row.
+fn decode_unwrapped(
+    mut row: Map<String, Value>,
+    schema: Option<&Value>,
+    routing_key: &str,
+) -> Result<Decoded, DecodeError> {
+    let meta: Vec<String> = row
+        .keys()
+        .filter(|k| k.starts_with("__"))
+        .cloned()
+        .collect();
+    let mut meta_values = Map::new();
+    for k in meta {
+        if let Some(v) = row.remove(&k) {
+            meta_values.insert(k, v);
+        }
+    }
+    let text = |k: &str| {
+        meta_values
+            .get(k)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+
+    let deleted = match meta_values.get("__deleted") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) if s == "true" => true,
+        Some(Value::String(s)) if s == "false" => false,
+        Some(other) => {
+            return fail(format!(
+                "`__deleted` must be \"true\" or \"false\", got {other}"
+            ));
+        }
+    };
+    let op = match text("__op") {
+        Some(letter) => match Op::from_letter(&letter) {
+            Some(op) => op,
+            None => return fail(format!("unknown `__op` `{letter}`")),
+        },
+        None if deleted => Op::Delete,
+        None => Op::Update,
+    };
+    let from_key = table_from_routing_key(routing_key);
+    let table = match text("__table") {
+        Some(table) => TableName {
+            schema: text("__schema").or_else(|| text("__db")).or_else(|| {
+                from_key
+                    .as_ref()
+                    .filter(|t| t.table == table)
+                    .and_then(|t| t.schema.clone())
+            }),
+            table,
+        },
+        None => match from_key {
+            Some(t) => t,
+            None => {
+                return fail(format!(
+                    "unwrapped row without `__table`, and the routing key `{routing_key}` does not name a table"
+                ));
+            }
+        },
+    };
+    let source_ts_ms = meta_values.get("__source_ts_ms").and_then(Value::as_i64);
+    let connector =
+        text("__name").unwrap_or_else(|| routing_key.split('.').next().unwrap_or("").to_string());
+    let position = meta_values
+        .get("__lsn")
+        .and_then(Value::as_u64)
+        .map(PositionAt::Lsn)
+        .or_else(|| source_ts_ms.map(PositionAt::TsMs))
+        .map(|at| SourcePosition { connector, at });
+
+    if op == Op::Truncate {
+        return Ok(Decoded::Change(Box::new(ChangeEvent {
+            table,
+            op,
+            change: Change::Truncate,
+            position,
+            source_ts_ms,
+            unavailable: Vec::new(),
+        })));
+    }
+    let (row, unavailable) = logical::convert_row(row, schema)?;
+    let change = if deleted || op == Op::Delete {
+        Change::Delete(row)
+    } else {
+        Change::Upsert(row)
+    };
+    let op = if deleted { Op::Delete } else { op };
+    Ok(Decoded::Change(Box::new(ChangeEvent {
+        table,
+        op,
+        change,
+        position,
+        source_ts_ms,
+        unavailable,
+    })))
+}
+
+fn table_from_source(
+    source: &Map<String, Value>,
+    routing_key: &str,
+) -> Result<TableName, DecodeError> {
+    let text = |k: &str| source.get(k).and_then(Value::as_str).map(str::to_string);
+    match text("table") {
+        // PostgreSQL has `schema`; MySQL has only `db`.
+        Some(table) => Ok(TableName {
+            schema: text("schema").or_else(|| text("db")),
+            table,
+        }),
+        None => match table_from_routing_key(routing_key) {
+            Some(t) => Ok(t),
+            None => fail(format!(
+                "`source.table` is missing and the routing key `{routing_key}` does not name a table"
+            )),
+        },
+    }
+}
+
+/// `dbserver1.public.products` → `public.products`.
+fn table_from_routing_key(routing_key: &str) -> Option<TableName> {
+    let parts: Vec<&str> = routing_key.split('.').collect();
+    match parts.as_slice() {
+        [_, schema, table] if !schema.is_empty() && !table.is_empty() => Some(TableName {
+            schema: Some(schema.to_string()),
+            table: table.to_string(),
+        }),
+        _ => None,
+    }
+}
+
+/// PostgreSQL: `source.lsn`; MySQL: `file`/`pos`/`row`; otherwise `ts_ms`.
+fn position_from_source(source: &Map<String, Value>) -> Option<SourcePosition> {
+    let connector = source
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let at = if let Some(lsn) = source.get("lsn").and_then(Value::as_u64) {
+        PositionAt::Lsn(lsn)
+    } else if let (Some(file), Some(pos)) = (
+        source.get("file").and_then(Value::as_str),
+        source.get("pos").and_then(Value::as_u64),
+    ) {
+        PositionAt::Binlog {
+            file: file.to_string(),
+            pos,
+            row: source.get("row").and_then(Value::as_u64).unwrap_or(0),
+        }
+    } else {
+        PositionAt::TsMs(source.get("ts_ms").and_then(Value::as_i64)?)
+    };
+    Some(SourcePosition { connector, at })
+}
+
+fn short(value: Option<&Value>) -> String {
+    match value {
+        None => "nothing".into(),
+        Some(v) => {
+            let s = v.to_string();
+            if s.len() > 60 {
+                format!("{}…", &s[..s.floor_char_boundary(60)])
+            } else {
+                s
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

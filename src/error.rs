@@ -1,0 +1,171 @@
+//! The one classification every failure goes through.
+//!
+//! The pipeline asks each error one question, `kind()`, and acts on the answer:
+//!
+//! - [`ErrorKind::Poison`]: *this message* is bad (undecodable, no key, rejected by the index
+//!   as invalid). Retrying cannot help. Dead-letter it with the reason, ack, go on.
+//! - [`ErrorKind::Transient`]: *the world* is down (connection refused, timeout, 5xx, 429).
+//!   The message is fine. Retry with backoff, keep order, pause intake, never dead-letter.
+//! - [`ErrorKind::Fatal`]: *we* are misconfigured (auth refused, collection with another
+//!   vector size, model files missing). Stop with a clear message; a restart will not help
+//!   until an operator acts.
+
+use std::fmt;
+
+/// What the pipeline must do about a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Poison,
+    Transient,
+    Fatal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Poison => "poison",
+            ErrorKind::Transient => "transient",
+            ErrorKind::Fatal => "fatal",
+        }
+    }
+}
+
+/// An error of the embedder or the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// For poison: the index of the input (text or point) that caused it, when known.
+    pub item: Option<usize>,
+}
+
+impl StageError {
+    pub fn poison(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Poison,
+            message: message.into(),
+            item: None,
+        }
+    }
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Transient,
+            message: message.into(),
+            item: None,
+        }
+    }
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Fatal,
+            message: message.into(),
+            item: None,
+        }
+    }
+    pub fn at(mut self, item: usize) -> Self {
+        self.item = Some(item);
+        self
+    }
+
+    /// Classifies an HTTP status from an embedding service or the python-indexer.
+    pub fn from_http_status(status: u16, message: impl Into<String>) -> Self {
+        let message = message.into();
+        match status {
+            401 | 403 => Self::fatal(format!("HTTP {status} (credentials refused): {message}")),
+            404 => Self::fatal(format!("HTTP 404 (wrong URL or model?): {message}")),
+            400 | 413 | 422 => Self::poison(format!("HTTP {status}: {message}")),
+            408 | 425 | 429 => Self::transient(format!("HTTP {status}: {message}")),
+            s if s >= 500 => Self::transient(format!("HTTP {status}: {message}")),
+            s => Self::fatal(format!("unexpected HTTP {s}: {message}")),
+        }
+    }
+
+    /// Classifies a transport error of reqwest.
+    pub fn from_reqwest(err: &reqwest::Error) -> Self {
+        if err.is_timeout() || err.is_connect() || err.is_request() || err.is_body() {
+            Self::transient(without_url(err))
+        } else if err.is_decode() {
+            Self::transient(format!("unreadable response: {}", without_url(err)))
+        } else {
+            Self::transient(without_url(err))
+        }
+    }
+}
+
+/// reqwest's errors print the URL, which may hold credentials; print the error alone.
+fn without_url(err: &reqwest::Error) -> String {
+    let mut text = err.without_url_ref();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
+trait WithoutUrl {
+    fn without_url_ref(&self) -> String;
+}
+
+impl WithoutUrl for reqwest::Error {
+    fn without_url_ref(&self) -> String {
+        let kind = if self.is_timeout() {
+            "timed out"
+        } else if self.is_connect() {
+            "connection failed"
+        } else if self.is_decode() {
+            "decode error"
+        } else if self.is_body() {
+            "body error"
+        } else if self.is_status() {
+            "status error"
+        } else {
+            "request failed"
+        };
+        kind.to_string()
+    }
+}
+
+impl fmt::Display for StageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} error: {}", self.kind.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for StageError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_statuses_classify() {
+        assert_eq!(
+            StageError::from_http_status(400, "bad").kind,
+            ErrorKind::Poison
+        );
+        assert_eq!(
+            StageError::from_http_status(422, "bad").kind,
+            ErrorKind::Poison
+        );
+        assert_eq!(
+            StageError::from_http_status(429, "slow").kind,
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            StageError::from_http_status(503, "down").kind,
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            StageError::from_http_status(500, "oops").kind,
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            StageError::from_http_status(401, "who").kind,
+            ErrorKind::Fatal
+        );
+        assert_eq!(
+            StageError::from_http_status(404, "where").kind,
+            ErrorKind::Fatal
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! cdc-indexer: keeps a vector index in step with a database, from Debezium change events
+//! on RabbitMQ. See ARCHITECTURE.md for the map of the code.
+
+use cdc_indexer::{broker, dlq, embed, http, mapping, metrics, pipeline, search, sink};
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use cdc_indexer::config::{Config, redact_url};
+use cdc_indexer::error::{ErrorKind, StageError};
+
+#[derive(Parser)]
+#[command(
+    name = "cdc-indexer",
+    version,
+    about = "Keeps a vector index in step with a database, from Debezium events on RabbitMQ"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        global = true,
+        default_value = "config.toml",
+        env = "CDC_INDEXER_CONFIG"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (default for deployments).
+    Run,
+    /// Validate the configuration and exit.
+    CheckConfig,
+    /// Manage the RabbitMQ topology.
+    Topology {
+        #[command(subcommand)]
+        command: TopologyCommand,
+    },
+    /// Inspect and replay the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
+    /// Print the documents nearest to a text.
+    Search {
+        /// The query text.
+        text: String,
+        /// Only this table (`schema.table`).
+        #[arg(long)]
+        table: Option<String>,
+        /// Number of results.
+        #[arg(long, default_value_t = 5)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopologyCommand {
+    /// Declare the exchanges, queues and bindings (idempotent).
+    Declare,
+    /// Write the objects as a RabbitMQ definitions file to stdout.
+    Export {
+        /// Virtual host in the definitions.
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run => run(config).await,
+            Command::CheckConfig => {
+                println!(
+                    "{}: ok ({} table rules, sink {:?}, broker {})",
+                    cli.config.display(),
+                    config.tables.len(),
+                    config.sink.kind,
+                    redact_url(&config.broker.url)
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Topology {
+                command: TopologyCommand::Declare,
+            } => {
+                let connection = broker::connect(&config.broker, "topology").await?;
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| broker::amqp_error("open channel", e))?;
+                broker::topology::declare(&channel, &config.topology).await?;
+                let _ = connection.close(200, "done".into()).await;
+                println!(
+                    "declared exchange {}, DLX {}, DLQ {}, queue {}",
+                    config.topology.exchange,
+                    config.topology.dead_letter_exchange,
+                    config.topology.dead_letter_queue,
+                    config.topology.queue
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Topology {
+                command: TopologyCommand::Export { vhost },
+            } => {
+                let defs = broker::topology::definitions(&config.topology, &vhost);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&defs).unwrap_or_default()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Dlq { command } => dlq::run(&config, command).await,
+            Command::Search {
+                text,
+                table,
+                limit,
+                json,
+            } => search_command(&config, &text, table.as_deref(), limit, json).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(kind = e.kind.as_str(), "{}", e.message);
+            eprintln!("error: {}", e.message);
+            ExitCode::from(if e.kind == ErrorKind::Fatal { 3 } else { 1 })
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CDC_INDEXER_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,qdrant_edge=warn,ort=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("CDC_INDEXER_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The daemon: side HTTP port, embedder, sink, pipeline; exits on SIGTERM/SIGINT.
+async fn run(config: Config) -> Result<ExitCode, StageError> {
+    let config = Arc::new(config);
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+
+    let metrics = Arc::new(
+        metrics::Metrics::new().map_err(|e| StageError::fatal(format!("metrics registry: {e}")))?,
+    );
+    metrics.health.beat();
+    let search = Arc::new(tokio::sync::OnceCell::new());
+    let listener = tokio::net::TcpListener::bind(&config.http.listen)
+        .await
+        .map_err(|e| {
+            StageError::fatal(format!(
+                "http.listen: cannot listen on {}: {e}",
+                config.http.listen
+            ))
+        })?;
+    let state = http::AppState {
+        metrics: metrics.clone(),
+        search: search.clone(),
+    };
+    let http_cancel = CancellationToken::new();
+    let http_task = tokio::spawn(http::serve(listener, state, http_cancel.clone()));
+    tracing::info!(listen = %config.http.listen, "side HTTP port up (/healthz, /readyz, /metrics, /search)");
+
+    let mut rules = HashMap::new();
+    for rule in &config.tables {
+        let compiled = mapping::CompiledRule::new(rule).map_err(StageError::fatal)?;
+        rules.insert(rule.table.clone(), compiled);
+    }
+    let embedder = embed::from_config(&config.embedding).await?;
+    tracing::info!(provider = ?config.embedding.provider, dimensions = embedder.dimensions(), "embedder ready");
+    let sink = sink::from_config(&config).await?;
+
+    let pipeline = pipeline::Pipeline {
+        config: config.clone(),
+        rules,
+        embedder: embedder.clone(),
+        sink: sink.clone(),
+        metrics: metrics.clone(),
+        cancel: cancel.clone(),
+    };
+    pipeline
+        .retry("sink", || sink.prepare(embedder.dimensions()))
+        .await?;
+    metrics
+        .health
+        .sink_ok
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = search.set((embedder.clone(), sink.clone()));
+    tracing::info!(sink = sink.name(), "index ready");
+
+    let result = pipeline.run().await;
+    http_cancel.cancel();
+    let _ = http_task.await;
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn spawn_signal_handler(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install the SIGTERM handler");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping intake, finishing the open batch"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping intake, finishing the open batch"),
+        }
+        cancel.cancel();
+    });
+}
+
+/// Asks the running daemon's `/search`; without a daemon, opens the index itself.
+async fn search_command(
+    config: &Config,
+    text: &str,
+    table: Option<&str>,
+    limit: usize,
+    as_json: bool,
+) -> Result<ExitCode, StageError> {
+    let url = format!("http://{}/search", config.http.listen);
+    let client = reqwest::Client::new();
+    let mut query = vec![("q", text.to_string()), ("limit", limit.to_string())];
+    if let Some(t) = table {
+        query.push(("table", t.to_string()));
+    }
+    let hits: Vec<serde_json::Value> = match client.get(&url).query(&query).send().await {
+        Ok(response) if response.status().is_success() => {
+            let body: serde_json::Value = response
+                .json()
+                .await
+                .map_err(|e| StageError::transient(format!("bad answer from the daemon: {e}")))?;
+            body["results"].as_array().cloned().unwrap_or_default()
+        }
+        Ok(response) => {
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            return Err(StageError::transient(format!(
+                "the daemon at {url} answered {status}: {body}"
+            )));
+        }
+        Err(e) if e.is_connect() => {
+            let embedder = embed::from_config(&config.embedding).await?;
+            let sink = sink::from_config(config).await?;
+            sink.prepare(embedder.dimensions()).await?;
+            search::run(embedder.as_ref(), sink.as_ref(), text, table, limit).await?
+        }
+        Err(e) => return Err(StageError::from_reqwest(&e)),
+    };
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&hits).unwrap_or_default()
+        );
+    } else {
+        print!("{}", search::render(&hits));
+    }
+    Ok(ExitCode::SUCCESS)
+}

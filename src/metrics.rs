@@ -1,0 +1,208 @@
+//! Prometheus metrics (prefix `cdc_indexer_`, base units, `_total` counters) and the
+//! daemon's health flags. One [`Metrics`] is built at start and passed in; no globals.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// Messages taken from the queue, by table and op (`-` when undecodable).
+    pub events_received: IntCounterVec,
+    /// Messages fully handled, by table, op and outcome (`upserted`, `deleted`, `truncated`,
+    /// `ignored`, `skipped_stale`, `skipped_unchanged`, `skipped_unknown_table`, `dead_lettered`).
+    pub events_processed: IntCounterVec,
+    /// Messages sent to the DLQ, by table and error kind.
+    pub dead_lettered: IntCounterVec,
+    /// Events skipped, by reason (`stale`, `unchanged`).
+    pub skipped: IntCounterVec,
+    pub batch_size: Histogram,
+    pub embed_seconds: Histogram,
+    pub write_seconds: Histogram,
+    /// Delay from the database commit (`source.ts_ms`) to the ack.
+    pub lag_seconds: Histogram,
+    pub last_lag_seconds: prometheus::Gauge,
+    pub points_written: IntCounter,
+    pub texts_embedded: IntCounter,
+    /// Retries of transient failures, by stage (`embed`, `sink`, `broker`).
+    pub retries: IntCounterVec,
+    pub paused: IntGauge,
+    pub broker_connected: IntGauge,
+    pub reconnects: IntCounter,
+    /// Messages in the main queue and the DLQ (polled).
+    pub queue_messages: IntGaugeVec,
+    pub health: Arc<Health>,
+}
+
+/// What `/healthz` and `/readyz` answer from.
+#[derive(Default)]
+pub struct Health {
+    pub broker_connected: AtomicBool,
+    pub consuming: AtomicBool,
+    pub paused: AtomicBool,
+    pub sink_ok: AtomicBool,
+    /// Unix seconds of the pipeline loop's last turn.
+    pub heartbeat: AtomicI64,
+}
+
+impl Health {
+    pub fn beat(&self) {
+        self.heartbeat
+            .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+    }
+    pub fn ready(&self) -> bool {
+        self.broker_connected.load(Ordering::Relaxed)
+            && self.consuming.load(Ordering::Relaxed)
+            && !self.paused.load(Ordering::Relaxed)
+            && self.sink_ok.load(Ordering::Relaxed)
+    }
+    pub fn alive(&self, max_silence_s: i64) -> bool {
+        chrono::Utc::now().timestamp() - self.heartbeat.load(Ordering::Relaxed) <= max_silence_s
+    }
+}
+
+fn buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
+    prometheus::exponential_buckets(start, factor, count).unwrap_or_default()
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new_custom(Some("cdc_indexer".into()), None)?;
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let histogram =
+            |name: &str, help: &str, b: Vec<f64>| -> Result<Histogram, prometheus::Error> {
+                let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(b))?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let last_lag_seconds = prometheus::Gauge::new(
+            "last_lag_seconds",
+            "Lag of the most recently acked event: ack time minus source.ts_ms.",
+        )?;
+        registry.register(Box::new(last_lag_seconds.clone()))?;
+        let queue_messages = IntGaugeVec::new(
+            Opts::new(
+                "queue_messages",
+                "Messages ready in a queue (polled), by queue role (main, dlq).",
+            ),
+            &["queue"],
+        )?;
+        registry.register(Box::new(queue_messages.clone()))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Always 1; labels carry the version."),
+            &["version"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        Ok(Metrics {
+            events_received: counter_vec(
+                "events_received_total",
+                "Messages taken from the queue, by table and op.",
+                &["table", "op"],
+            )?,
+            events_processed: counter_vec(
+                "events_processed_total",
+                "Messages handled and acked, by table, op and outcome.",
+                &["table", "op", "outcome"],
+            )?,
+            dead_lettered: counter_vec(
+                "dead_lettered_total",
+                "Messages sent to the dead-letter queue, by table and error kind.",
+                &["table", "kind"],
+            )?,
+            skipped: counter_vec(
+                "skipped_total",
+                "Events that wrote nothing new, by reason (stale, unchanged).",
+                &["reason"],
+            )?,
+            batch_size: histogram(
+                "batch_size_events",
+                "Events per batch.",
+                buckets(1.0, 2.0, 12),
+            )?,
+            embed_seconds: histogram(
+                "embed_duration_seconds",
+                "Time to embed one batch's texts.",
+                buckets(0.005, 2.0, 14),
+            )?,
+            write_seconds: histogram(
+                "write_duration_seconds",
+                "Time to write one batch durably to the index.",
+                buckets(0.001, 2.0, 15),
+            )?,
+            lag_seconds: histogram(
+                "lag_seconds",
+                "Delay from the database change (source.ts_ms) to its ack.",
+                buckets(0.05, 2.0, 16),
+            )?,
+            last_lag_seconds,
+            points_written: counter("points_written_total", "Points upserted into the index.")?,
+            texts_embedded: counter("texts_embedded_total", "Texts (chunks) embedded.")?,
+            retries: counter_vec(
+                "retries_total",
+                "Retries of transient failures, by stage.",
+                &["stage"],
+            )?,
+            paused: gauge(
+                "consumer_paused",
+                "1 while intake is paused by a transient failure.",
+            )?,
+            broker_connected: gauge(
+                "broker_connected",
+                "1 while the broker connection and consumer are up.",
+            )?,
+            reconnects: counter(
+                "broker_reconnects_total",
+                "Broker reconnections after a lost connection or channel.",
+            )?,
+            queue_messages,
+            health: Arc::new(Health::default()),
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buffer) {
+            return format!("# encoding failed: {e}\n");
+        }
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.set(i64::from(paused));
+        self.health.paused.store(paused, Ordering::Relaxed);
+    }
+
+    pub fn set_connected(&self, connected: bool) {
+        self.broker_connected.set(i64::from(connected));
+        self.health
+            .broker_connected
+            .store(connected, Ordering::Relaxed);
+        self.health.consuming.store(connected, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,260 @@
+//! The daemon's loop: connect, declare, consume, batch, process, ack — and start over after a
+//! lost connection.
+//!
+//! Ownership of acks: only [`process`] acks, and only after the batch's write is durable.
+//! A delivery that is never acked is redelivered by the broker when its channel closes, so
+//! every failure path here can simply drop deliveries and reconnect.
+
+mod process;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::dead_letter::DeadLetterPublisher;
+use crate::broker::{self, amqp_error, topology};
+use crate::config::Config;
+use crate::embed::Embedder;
+use crate::error::{ErrorKind, StageError};
+use crate::mapping::CompiledRule;
+use crate::metrics::Metrics;
+use crate::sink::Sink;
+
+pub struct Pipeline {
+    pub config: Arc<Config>,
+    pub rules: HashMap<String, CompiledRule>,
+    pub embedder: Arc<dyn Embedder>,
+    pub sink: Arc<dyn Sink>,
+    pub metrics: Arc<Metrics>,
+    pub cancel: CancellationToken,
+}
+
+/// One broker session: a connection, the consuming channel, the dead-letter channel.
+struct Session {
+    connection: Connection,
+    channel: Channel,
+    consumer: Consumer,
+    dead_letters: DeadLetterPublisher,
+}
+
+impl Pipeline {
+    /// Runs until cancelled (`Ok`) or a fatal error (`Err`).
+    pub async fn run(&self) -> Result<(), StageError> {
+        let mut delay = Duration::from_millis(self.config.pipeline.retry_initial_ms);
+        let max_delay = Duration::from_millis(self.config.pipeline.retry_max_ms);
+        let mut first = true;
+        while !self.cancel.is_cancelled() {
+            self.metrics.health.beat();
+            let result = match self.open_session().await {
+                Ok(session) => {
+                    if !first {
+                        self.metrics.reconnects.inc();
+                    }
+                    first = false;
+                    delay = Duration::from_millis(self.config.pipeline.retry_initial_ms);
+                    tracing::info!(queue = %self.config.topology.queue, prefetch = self.config.broker.prefetch, "consuming");
+                    self.consume(session).await
+                }
+                Err(e) => Err(e),
+            };
+            self.metrics.set_connected(false);
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind == ErrorKind::Fatal => return Err(e),
+                Err(e) => {
+                    if self.cancel.is_cancelled() {
+                        return Ok(());
+                    }
+                    self.metrics.retries.with_label_values(&["broker"]).inc();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker session lost; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(jitter(delay)) => {}
+                        _ = self.cancel.cancelled() => return Ok(()),
+                    }
+                    delay = (delay * 2).min(max_delay);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn open_session(&self) -> Result<Session, StageError> {
+        let connection = broker::connect(&self.config.broker, "consumer").await?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error("open channel", e))?;
+        topology::declare(&channel, &self.config.topology).await?;
+        channel
+            .basic_qos(self.config.broker.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| amqp_error("basic.qos", e))?;
+        let dead_letters =
+            DeadLetterPublisher::open(&connection, &self.config.topology.dead_letter_exchange)
+                .await?;
+        let consumer = channel
+            .basic_consume(
+                self.config.topology.queue.as_str().into(),
+                "cdc-indexer".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("basic.consume", e))?;
+        self.metrics.set_connected(true);
+        Ok(Session {
+            connection,
+            channel,
+            consumer,
+            dead_letters,
+        })
+    }
+
+    /// Batches and processes deliveries until cancelled or the session breaks.
+    async fn consume(&self, mut session: Session) -> Result<(), StageError> {
+        let deadline = Duration::from_millis(self.config.pipeline.shutdown_deadline_ms);
+        let mut idle_since = Some(tokio::time::Instant::now());
+        loop {
+            self.metrics.health.beat();
+            let batch = self.collect(&mut session.consumer).await?;
+            if batch.is_empty() {
+                if self.cancel.is_cancelled() {
+                    break;
+                }
+                // Idle for a while: let the index optimise (qdrant-edge has no background thread).
+                if idle_since.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+                    idle_since = None;
+                    self.sink.idle().await;
+                }
+                continue;
+            }
+            idle_since = Some(tokio::time::Instant::now());
+            let work = process::process(self, &session, batch);
+            tokio::pin!(work);
+            let result = tokio::select! {
+                r = &mut work => r,
+                _ = self.cancel.cancelled() => match tokio::time::timeout(deadline, &mut work).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(deadline_ms = deadline.as_millis() as u64, "shutdown deadline passed; the open batch is left unacked for redelivery");
+                        break;
+                    }
+                },
+            };
+            if let Err(e) = result {
+                if self.cancel.is_cancelled() {
+                    tracing::warn!(error = %e, "shutting down with the open batch unacked (it will be redelivered)");
+                    break;
+                }
+                return Err(e);
+            }
+            if self.cancel.is_cancelled() {
+                break;
+            }
+        }
+        close(session).await;
+        Ok(())
+    }
+
+    /// Waits for the first delivery (up to 1 s, to keep the heartbeat going), then collects
+    /// up to `batch_max_events` or until `batch_max_wait_ms` has passed.
+    async fn collect(
+        &self,
+        consumer: &mut Consumer,
+    ) -> Result<Vec<lapin::message::Delivery>, StageError> {
+        let mut batch = Vec::new();
+        let first = tokio::select! {
+            d = consumer.next() => d,
+            _ = self.cancel.cancelled() => return Ok(batch),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => return Ok(batch),
+        };
+        batch.push(delivery(first)?);
+        let until = tokio::time::Instant::now()
+            + Duration::from_millis(self.config.pipeline.batch_max_wait_ms);
+        while batch.len() < self.config.pipeline.batch_max_events {
+            tokio::select! {
+                d = consumer.next() => batch.push(delivery(d)?),
+                _ = tokio::time::sleep_until(until) => break,
+                _ = self.cancel.cancelled() => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Runs `f` until it succeeds, retrying transient failures with exponential backoff and
+    /// jitter, without limit, pausing intake meanwhile. Poison and fatal errors return at once.
+    pub async fn retry<T, F, Fut>(&self, stage: &'static str, f: F) -> Result<T, StageError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StageError>>,
+    {
+        let policy = ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(self.config.pipeline.retry_initial_ms))
+            .with_max_delay(Duration::from_millis(self.config.pipeline.retry_max_ms))
+            .with_jitter()
+            .without_max_times();
+        let metrics = &self.metrics;
+        let attempt = f
+            .retry(policy)
+            .sleep(tokio::time::sleep)
+            .when(|e: &StageError| e.kind == ErrorKind::Transient)
+            .notify(|e: &StageError, wait: Duration| {
+                metrics.retries.with_label_values(&[stage]).inc();
+                if !metrics.health.paused.load(std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(stage, error = %e, "transient failure; intake paused until it recovers");
+                }
+                metrics.set_paused(true);
+                if stage == "sink" {
+                    metrics.health.sink_ok.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                tracing::debug!(stage, retry_in_ms = wait.as_millis() as u64, "retrying");
+            });
+        let result = tokio::select! {
+            r = attempt => r,
+            _ = self.cancel.cancelled() => Err(StageError::transient(format!("shutdown while retrying the {stage}"))),
+        };
+        if result.is_ok()
+            && metrics
+                .health
+                .paused
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(stage, "recovered; intake resumed");
+            metrics.set_paused(false);
+        }
+        if result.is_ok() && stage == "sink" {
+            metrics
+                .health
+                .sink_ok
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+fn delivery(
+    item: Option<lapin::Result<lapin::message::Delivery>>,
+) -> Result<lapin::message::Delivery, StageError> {
+    match item {
+        Some(Ok(d)) => Ok(d),
+        Some(Err(e)) => Err(amqp_error("consumer", e)),
+        None => Err(StageError::transient("the broker closed our consumer")),
+    }
+}
+
+async fn close(session: Session) {
+    let _ = session.channel.close(200, "shutdown".into()).await;
+    let _ = session.connection.close(200, "shutdown".into()).await;
+}
+
+/// 50–100 % of `delay`.
+fn jitter(delay: Duration) -> Duration {
+    delay.mul_f64(rand::random_range(0.5..1.0))
+}

@@ -1,0 +1,342 @@
+//! The embedded sink: Qdrant's own engine (`qdrant-edge`) in-process, on disk.
+//!
+//! `qdrant-edge` is synchronous, so every call runs on tokio's blocking pool. It has no
+//! background optimiser; we run `optimize()` when the pipeline is idle. Durability: each
+//! write goes to the shard's WAL, and we `flush()` (WAL and segments) before returning, so
+//! an acked message survives a crash; an unflushed write is recovered from the WAL on load.
+//!
+//! One process owns the shard directory. The `search` subcommand therefore asks the running
+//! daemon over its side HTTP port, and opens the directory itself only when no daemon runs.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use qdrant_edge::{
+    Condition, CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeVectorParams,
+    FieldCondition, FieldIndexOperations, Filter, JsonPath, Match, MatchValue, NamedQuery, Payload,
+    PayloadFieldSchema, PayloadOps, PayloadSchemaType, PointId, PointInsertOperations,
+    PointOperations, PointStruct, QueryEnum, QueryRequest, RetrieveRequest, ScoringQuery,
+    ScrollRequest, SetPayloadOp, UpdateOperation, ValueVariants, Vectors, WithPayloadInterface,
+    WithVector,
+};
+use serde_json::Value;
+
+use super::{Hit, Sink, StoredPoint, VECTOR_NAME, Write, sort_by_chunk};
+use crate::batch::{StoredState, stored_state};
+use crate::error::StageError;
+use crate::model::{DocumentKey, Row};
+
+pub struct EmbeddedSink {
+    path: std::path::PathBuf,
+    shard: Arc<std::sync::OnceLock<EdgeShard>>,
+}
+
+impl EmbeddedSink {
+    /// Remembers the directory; the shard is opened (or created) by [`Sink::prepare`], which
+    /// knows the vector size.
+    pub fn open(path: &Path) -> Result<EmbeddedSink, StageError> {
+        Ok(EmbeddedSink {
+            path: path.to_path_buf(),
+            shard: Arc::new(std::sync::OnceLock::new()),
+        })
+    }
+
+    async fn with_shard<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&EdgeShard) -> Result<T, StageError> + Send + 'static,
+    ) -> Result<T, StageError> {
+        let shard = self.shard.clone();
+        tokio::task::spawn_blocking(move || {
+            let shard = shard
+                .get()
+                .ok_or_else(|| StageError::fatal("embedded index used before prepare()"))?;
+            f(shard)
+        })
+        .await
+        .map_err(|e| StageError::fatal(format!("embedded index {what} panicked: {e}")))?
+    }
+}
+
+fn engine_error(what: &str, e: impl std::fmt::Display) -> StageError {
+    // The engine fails on I/O (disk full, permissions) or on invalid input; neither is fixed
+    // by the next message, and a disk problem must not dead-letter data: transient.
+    StageError::transient(format!("embedded index {what}: {e}"))
+}
+
+fn path(key: &str) -> Result<JsonPath, StageError> {
+    JsonPath::try_from(key).map_err(|_| StageError::fatal(format!("invalid payload path {key}")))
+}
+
+fn keyword(key: &str, value: &str) -> Result<Condition, StageError> {
+    Ok(Condition::Field(FieldCondition::new_match(
+        path(key)?,
+        Match::Value(MatchValue {
+            value: ValueVariants::String(value.to_string()),
+        }),
+    )))
+}
+
+fn must(conditions: Vec<Condition>) -> Filter {
+    Filter {
+        should: None,
+        min_should: None,
+        must: Some(conditions),
+        must_not: None,
+    }
+}
+
+fn key_filter(key: &DocumentKey) -> Result<Filter, StageError> {
+    Ok(must(vec![
+        keyword("_cdc.table", &key.table)?,
+        keyword("_cdc.key", &key.key)?,
+    ]))
+}
+
+fn table_filter(table: &str) -> Result<Filter, StageError> {
+    Ok(must(vec![keyword("_cdc.table", table)?]))
+}
+
+fn payload_map(payload: Option<Payload>) -> Row {
+    payload
+        .map(|p| p.0.into_iter().collect())
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl Sink for EmbeddedSink {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn prepare(&self, vector_size: usize) -> Result<(), StageError> {
+        let path = self.path.clone();
+        let cell = self.shard.clone();
+        tokio::task::spawn_blocking(move || {
+            if cell.get().is_some() {
+                return Ok(());
+            }
+            let wanted = EdgeVectorParams::builder(vector_size, Distance::Cosine);
+            let exists = path.join("edge_config.json").exists();
+            let shard = if exists {
+                let shard = EdgeShard::load(&path, None).map_err(|e| {
+                    StageError::fatal(format!("cannot open the embedded index at {}: {e}", path.display()))
+                })?;
+                let existing = shard.config().vectors.get(VECTOR_NAME).map(|v| (v.size, v.distance));
+                match existing {
+                    Some((size, distance)) if size == vector_size && distance == Distance::Cosine => {}
+                    other => {
+                        return Err(StageError::fatal(format!(
+                            "the embedded index at {} has vector `{VECTOR_NAME}` = {}, but the model needs size {vector_size}, distance Cosine; \
+                             point sink.path elsewhere or delete the directory to re-index",
+                            path.display(),
+                            match other {
+                                Some((s, d)) => format!("size {s}, distance {d:?}"),
+                                None => "missing".to_string(),
+                            }
+                        )));
+                    }
+                }
+                shard
+            } else {
+                std::fs::create_dir_all(&path).map_err(|e| {
+                    StageError::fatal(format!("cannot create the embedded index directory {}: {e}", path.display()))
+                })?;
+                let config = EdgeConfig::builder().vector(VECTOR_NAME, wanted.build()).build();
+                let shard = EdgeShard::new(&path, config).map_err(|e| {
+                    StageError::fatal(format!("cannot create the embedded index at {}: {e}", path.display()))
+                })?;
+                for field in ["_cdc.table", "_cdc.key"] {
+                    shard
+                        .update(UpdateOperation::FieldIndexOperation(FieldIndexOperations::CreateIndex(CreateIndex {
+                            field_name: self::path(field)?,
+                            field_schema: Some(PayloadFieldSchema::FieldType(PayloadSchemaType::Keyword)),
+                        })))
+                        .map_err(|e| StageError::fatal(format!("cannot create payload index {field}: {e}")))?;
+                }
+                shard.flush().map_err(|e| engine_error("flush", e))?;
+                shard
+            };
+            let _ = cell.set(shard);
+            Ok(())
+        })
+        .await
+        .map_err(|e| StageError::fatal(format!("opening the embedded index panicked: {e}")))?
+    }
+
+    async fn read_states(
+        &self,
+        keys: &[DocumentKey],
+    ) -> Result<HashMap<DocumentKey, StoredState>, StageError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let by_id: HashMap<uuid::Uuid, DocumentKey> =
+            keys.iter().map(|k| (k.point_id(0), k.clone())).collect();
+        self.with_shard("read", move |shard| {
+            let records = shard
+                .retrieve(RetrieveRequest {
+                    point_ids: by_id.keys().map(|id| PointId::Uuid(*id)).collect(),
+                    with_payload: Some(WithPayloadInterface::Bool(true)),
+                    with_vector: Some(WithVector::Bool(false)),
+                })
+                .map_err(|e| engine_error("retrieve", e))?;
+            let mut states = HashMap::new();
+            for record in records {
+                let PointId::Uuid(id) = record.id else {
+                    continue;
+                };
+                if let (Some(key), Some(state)) =
+                    (by_id.get(&id), stored_state(&payload_map(record.payload)))
+                {
+                    states.insert(key.clone(), state);
+                }
+            }
+            Ok(states)
+        })
+        .await
+    }
+
+    async fn write(&self, write: &Write) -> Result<(), StageError> {
+        let write = write.clone();
+        self.with_shard("write", move |shard| {
+            let apply =
+                |op: UpdateOperation| shard.update(op).map_err(|e| engine_error("update", e));
+            for table in &write.truncate_tables {
+                apply(UpdateOperation::PointOperation(
+                    PointOperations::DeletePointsByFilter(table_filter(table)?),
+                ))?;
+            }
+            for key in &write.delete_keys {
+                apply(UpdateOperation::PointOperation(
+                    PointOperations::DeletePointsByFilter(key_filter(key)?),
+                ))?;
+            }
+            if !write.delete_points.is_empty() {
+                let ids = write
+                    .delete_points
+                    .iter()
+                    .map(|id| PointId::Uuid(*id))
+                    .collect();
+                apply(UpdateOperation::PointOperation(
+                    PointOperations::DeletePoints { ids },
+                ))?;
+            }
+            if !write.upserts.is_empty() {
+                let points = write
+                    .upserts
+                    .iter()
+                    .map(|p| {
+                        PointStruct::new(
+                            PointId::Uuid(p.id),
+                            Vectors::new_named([(VECTOR_NAME, p.vector.clone())]),
+                            Value::Object(p.payload.clone()),
+                        )
+                        .into()
+                    })
+                    .collect();
+                apply(UpdateOperation::PointOperation(
+                    PointOperations::UpsertPoints(PointInsertOperations::PointsList(points)),
+                ))?;
+            }
+            for update in &write.payload_updates {
+                apply(UpdateOperation::PayloadOperation(PayloadOps::SetPayload(
+                    SetPayloadOp {
+                        payload: Payload(update.payload.clone().into_iter().collect()),
+                        points: Some(vec![PointId::Uuid(update.id)]),
+                        filter: None,
+                        key: None,
+                    },
+                )))?;
+            }
+            shard.flush().map_err(|e| engine_error("flush", e))
+        })
+        .await
+    }
+
+    async fn search(
+        &self,
+        vector: Vec<f32>,
+        table: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Hit>, StageError> {
+        let filter = table.map(table_filter).transpose()?;
+        self.with_shard("search", move |shard| {
+            let mut request = QueryRequest::new(limit);
+            request.query = Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery {
+                query: vector.into(),
+                using: Some(VECTOR_NAME.to_string()),
+            })));
+            request.filter = filter;
+            request.with_payload = WithPayloadInterface::Bool(true);
+            let points = shard.query(request).map_err(|e| engine_error("query", e))?;
+            Ok(points
+                .into_iter()
+                .map(|p| Hit {
+                    id: p.id.to_string(),
+                    score: p.score,
+                    payload: payload_map(p.payload),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn fetch(&self, key: &DocumentKey) -> Result<Vec<StoredPoint>, StageError> {
+        let filter = key_filter(key)?;
+        self.with_shard("scroll", move |shard| {
+            let mut request = ScrollRequest::new();
+            request.filter = Some(filter);
+            request.limit = Some(10_000);
+            request.with_payload = Some(WithPayloadInterface::Bool(true));
+            let (records, _) = shard
+                .scroll(request)
+                .map_err(|e| engine_error("scroll", e))?;
+            let mut points: Vec<StoredPoint> = records
+                .into_iter()
+                .map(|r| StoredPoint {
+                    id: r.id.to_string(),
+                    payload: payload_map(r.payload),
+                })
+                .collect();
+            sort_by_chunk(&mut points);
+            Ok(points)
+        })
+        .await
+    }
+
+    async fn count(&self, table: Option<&str>) -> Result<u64, StageError> {
+        let filter = table.map(table_filter).transpose()?;
+        self.with_shard("count", move |shard| {
+            let mut request = CountRequest::new();
+            request.filter = filter;
+            request.exact = true;
+            shard
+                .count(request)
+                .map(|n| n as u64)
+                .map_err(|e| engine_error("count", e))
+        })
+        .await
+    }
+
+    async fn health(&self) -> Result<(), StageError> {
+        if self.shard.get().is_some() {
+            Ok(())
+        } else {
+            Err(StageError::transient("embedded index not open yet"))
+        }
+    }
+
+    async fn idle(&self) {
+        let result = self
+            .with_shard("optimize", |shard| {
+                shard.optimize().map_err(|e| engine_error("optimize", e))
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "embedded index optimisation failed");
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The vector index, behind one trait.
+//!
+//! Implementations: [`embedded`] (qdrant-edge in-process, the zero-setup default), [`qdrant`]
+//! (a Qdrant server over gRPC) and [`llamaindex`] (the python-indexer service). All share the
+//! data model of DESIGN §4: one collection, named dense vector `text` (cosine), one point per
+//! chunk with a deterministic id, and a `_cdc` payload object with `table`, `key`, `chunk`,
+//! `chunks`, `hash`, `position`, `source_ts_ms`.
+//!
+//! Contract: when [`Sink::write`] returns `Ok`, the write is durable (a crash now loses
+//! nothing), because the pipeline acks right after.
+
+pub mod embedded;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::batch::{PayloadWrite, StoredState, WritePlan};
+use crate::config::{Config, SinkKind};
+use crate::error::StageError;
+use crate::model::{DocumentKey, Row};
+
+/// The name of the dense vector in every collection.
+pub const VECTOR_NAME: &str = "text";
+
+/// A point with its vector, ready to write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub id: uuid::Uuid,
+    pub vector: Vec<f32>,
+    pub payload: Row,
+}
+
+/// One batch's writes with vectors filled in.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Write {
+    pub truncate_tables: Vec<String>,
+    pub delete_keys: Vec<DocumentKey>,
+    pub delete_points: Vec<uuid::Uuid>,
+    pub upserts: Vec<Point>,
+    pub payload_updates: Vec<PayloadWrite>,
+}
+
+impl Write {
+    /// Joins a plan with the vectors of its upserts (same order).
+    pub fn from_plan(plan: WritePlan, vectors: Vec<Vec<f32>>) -> Write {
+        let upserts = plan
+            .upserts
+            .into_iter()
+            .zip(vectors)
+            .map(|(p, vector)| Point {
+                id: p.id,
+                vector,
+                payload: p.payload,
+            })
+            .collect();
+        Write {
+            truncate_tables: plan.truncate_tables,
+            delete_keys: plan.delete_keys,
+            delete_points: plan.delete_points,
+            upserts,
+            payload_updates: plan.payload_updates,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.truncate_tables.is_empty()
+            && self.delete_keys.is_empty()
+            && self.delete_points.is_empty()
+            && self.upserts.is_empty()
+            && self.payload_updates.is_empty()
+    }
+}
+
+/// A search result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    pub id: String,
+    pub score: f32,
+    pub payload: Row,
+}
+
+/// A stored point, as tests and `search` see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPoint {
+    pub id: String,
+    pub payload: Row,
+}
+
+#[async_trait]
+pub trait Sink: Send + Sync {
+    /// `embedded`, `qdrant` or `llamaindex`.
+    fn name(&self) -> &'static str;
+
+    /// Creates the collection if missing; a collection with another vector size or distance
+    /// is a fatal error naming both.
+    async fn prepare(&self, vector_size: usize) -> Result<(), StageError>;
+
+    /// What the index holds for these keys (from chunk 0), in one call.
+    async fn read_states(
+        &self,
+        keys: &[DocumentKey],
+    ) -> Result<HashMap<DocumentKey, StoredState>, StageError>;
+
+    /// Applies a batch in order: truncates, deletes, surplus deletes, upserts, payload
+    /// updates. Durable when it returns `Ok`. A poison error carries `item` = the index in
+    /// `upserts` of the offending point when the sink can tell.
+    async fn write(&self, write: &Write) -> Result<(), StageError>;
+
+    /// Nearest chunks to `vector`, optionally within one table.
+    async fn search(
+        &self,
+        vector: Vec<f32>,
+        table: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Hit>, StageError>;
+
+    /// Every stored point of one document, sorted by chunk.
+    async fn fetch(&self, key: &DocumentKey) -> Result<Vec<StoredPoint>, StageError>;
+
+    /// Number of points, optionally of one table.
+    async fn count(&self, table: Option<&str>) -> Result<u64, StageError>;
+
+    /// Is the index reachable?
+    async fn health(&self) -> Result<(), StageError>;
+
+    /// Called when the pipeline is idle (e.g. to let the embedded engine optimise).
+    async fn idle(&self) {}
+}
+
+/// Builds the configured sink.
+pub async fn from_config(config: &Config) -> Result<Arc<dyn Sink>, StageError> {
+    Ok(match config.sink.kind {
+        SinkKind::Embedded => Arc::new(embedded::EmbeddedSink::open(&config.sink.path)?),
+        other => {
+            return Err(StageError::fatal(format!(
+                "sink.kind = {other:?} is not available in this build"
+            )));
+        }
+    })
+}
+
+/// Sorts stored points by `_cdc.chunk`.
+pub fn sort_by_chunk(points: &mut [StoredPoint]) {
+    points.sort_by_key(|p| {
+        p.payload
+            .get("_cdc")
+            .and_then(|c| c.get("chunk"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    });
+}

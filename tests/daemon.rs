@@ -1,0 +1,277 @@
+//! The daemon end to end against the real RabbitMQ: fixtures in, index and DLQ out; crashes
+//! and shutdowns lose nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const TABLES: &str = r#"
+[[tables]]
+table = "public.products"
+id_columns = ["id"]
+text = "{name}: {description}"
+[[tables]]
+table = "public.customers"
+id_columns = ["id"]
+text = "{first_name} {last_name} <{email}>"
+exclude = ["email"]
+[[tables]]
+table = "public.order_lines"
+id_columns = ["order_id", "line_no"]
+text = "{sku} x {qty}"
+[[tables]]
+table = "public.special_types"
+id_columns = ["id"]
+text = "{doc} {tags}"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixtures_are_indexed_and_poison_is_dead_lettered() {
+    let w = World::new("fixtures", TABLES, "");
+    w.declare().await;
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    let events: &[(&str, &str)] = &[
+        (
+            "dbserver1.public.products",
+            "pg-create-products-with-schema.json",
+        ),
+        (
+            "dbserver1.public.customers",
+            "pg-read-snapshot-no-schema.json",
+        ),
+        // Create and update from the same capture run: their LSNs are in order.
+        ("dbserver1.public.customers", "pg-create-no-schema.json"),
+        (
+            "dbserver1.public.customers",
+            "pg-update-replica-default-no-schema.json",
+        ),
+        (
+            "dbserver1.public.order_lines",
+            "pg-composite-pk-create-no-schema.json",
+        ),
+        (
+            "dbserver1.public.order_lines",
+            "pg-composite-pk-update-no-schema.json",
+        ),
+        (
+            "dbserver1.public.order_lines",
+            "pg-composite-pk-delete-no-schema.json",
+        ),
+        (
+            "dbserver1.public.order_lines",
+            "pg-composite-pk-tombstone-with-schema.json",
+        ),
+        (
+            "dbserver1.public.special_types",
+            "pg-types-decimal-precise-with-schema.json",
+        ),
+        ("dbserver1.public.unmapped", "unmapped"),
+    ];
+    for (rk, file) in events {
+        let body = if *file == "unmapped" {
+            String::from_utf8(fixture("pg-create-no-schema.json"))
+                .expect("utf8")
+                .replace("\"table\":\"customers\"", "\"table\":\"unmapped\"")
+                .into_bytes()
+        } else {
+            fixture(file)
+        };
+        // A tombstone from Debezium Server's RabbitMQ sink is the body `default`.
+        let body = if body.is_empty() {
+            b"default".to_vec()
+        } else {
+            body
+        };
+        w.publish(&ch, rk, &body).await;
+    }
+    // Poison: not JSON; a row without its key column.
+    w.publish(
+        &ch,
+        "dbserver1.public.products",
+        b"{\"op\":\"c\",\"after\":",
+    )
+    .await;
+    w.publish(&ch, "dbserver1.public.products", br#"{"op":"c","source":{"name":"dbserver1","schema":"public","table":"products","lsn":5},"after":{"name":"no id","description":"x"}}"#).await;
+
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    d.wait_processed(12.0, Duration::from_secs(60));
+    let status = d.sigterm();
+    assert!(status.success(), "exit {status}: {}", d.log());
+    assert_eq!(w.queue_depth(&w.queue).await, 0);
+
+    let index = w.index().await;
+    let product = index.doc("public.products", r#"{"id":1}"#).await;
+    assert_eq!(product.len(), 1);
+    let p = &product[0].payload;
+    assert_eq!(p["name"], json!("car battery"));
+    assert_eq!(p["weight"], json!(8.1));
+    assert_eq!(p["text"], json!("car battery: 12V car battery"));
+    assert_eq!(p["_cdc"]["table"], json!("public.products"));
+    assert_eq!(p["_cdc"]["key"], json!(r#"{"id":1}"#));
+    assert_eq!(p["_cdc"]["chunks"], json!(1));
+    assert!(p["_cdc"]["position"]["lsn"].as_u64().is_some());
+
+    let customer = index.doc("public.customers", r#"{"id":1}"#).await;
+    assert_eq!(customer.len(), 1);
+    assert_eq!(
+        customer[0].payload["first_name"],
+        json!("Anne Marie"),
+        "{:?}",
+        customer[0].payload
+    );
+    assert!(
+        !customer[0].payload.contains_key("email"),
+        "excluded column stored"
+    );
+    assert_eq!(
+        index.doc("public.customers", r#"{"id":1001}"#).await.len(),
+        1
+    );
+    assert!(
+        index
+            .doc("public.order_lines", r#"{"line_no":1,"order_id":100}"#)
+            .await
+            .is_empty()
+    );
+    let special = index.doc("public.special_types", r#"{"id":1}"#).await;
+    assert_eq!(special[0].payload["price"], json!("1234.56"));
+    assert_eq!(special[0].payload["big"].to_string(), "9223372036854775807");
+    assert_eq!(index.count(None).await, 4, "exactly the expected points");
+
+    // Search sees the product.
+    let embedder = index.embedder().await;
+    let hits = cdc_indexer::search::run(
+        embedder.as_ref(),
+        index.sink.as_ref(),
+        "battery for a car",
+        None,
+        3,
+    )
+    .await
+    .expect("search");
+    assert_eq!(hits[0]["table"], json!("public.products"));
+
+    let dlq = w.drain_dlq().await;
+    assert_eq!(dlq.len(), 2, "{dlq:?}");
+    let kinds: Vec<&str> = dlq
+        .iter()
+        .map(|(_, h, _)| h["x-cdc-error-kind"].as_str())
+        .collect();
+    assert_eq!(kinds, vec!["decode", "mapping"]);
+    for (rk, h, _) in &dlq {
+        assert_eq!(rk, "dbserver1.public.products");
+        assert_eq!(h["x-cdc-original-exchange"], w.exchange);
+        assert_eq!(h["x-cdc-original-routing-key"], "dbserver1.public.products");
+        assert!(!h["x-cdc-error"].is_empty());
+        assert!(h["x-cdc-failed-at"].contains('T'));
+    }
+    assert!(dlq[1].1["x-cdc-error"].contains("`id`"), "{:?}", dlq[1].1);
+    assert_eq!(
+        dlq[0].2,
+        b"{\"op\":\"c\",\"after\":".to_vec(),
+        "original body kept"
+    );
+    w.cleanup().await;
+}
+
+fn product_event(id: u64, lsn: u64, name: &str) -> Vec<u8> {
+    json!({
+        "before": null,
+        "after": {"id": id, "name": name, "description": format!("{name}, item number {id}, a sturdy and well made product for everyday use")},
+        "source": {"name": "dbserver1", "schema": "public", "table": "products", "lsn": lsn, "ts_ms": chrono::Utc::now().timestamp_millis()},
+        "op": "c"
+    })
+    .to_string()
+    .into_bytes()
+}
+
+const PRODUCTS: &str = r#"
+[[tables]]
+table = "public.products"
+id_columns = ["id"]
+text = "{name}: {description}"
+"#;
+
+async fn publish_products(w: &World, n: u64, version: &str) {
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    for id in 1..=n {
+        let lsn = if version == "v1" {
+            1000 + id
+        } else {
+            100_000 + id
+        };
+        w.publish(
+            &ch,
+            "dbserver1.public.products",
+            &product_event(id, lsn, &format!("{version} product {id}")),
+        )
+        .await;
+    }
+    let _ = conn.close(200, "ok".into()).await;
+}
+
+async fn assert_products(w: &World, n: u64, version: &str) {
+    let index = w.index().await;
+    assert_eq!(index.count(Some("public.products")).await, n);
+    for id in [1, n / 2, n] {
+        let doc = index
+            .doc("public.products", &format!("{{\"id\":{id}}}"))
+            .await;
+        assert_eq!(doc.len(), 1, "id {id}");
+        assert_eq!(
+            doc[0].payload["name"],
+            json!(format!("{version} product {id}"))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_batch_then_restart_loses_nothing() {
+    let w = World::new("kill9", PRODUCTS, "[pipeline]\nbatch_max_events = 64\n");
+    w.declare().await;
+    publish_products(&w, 400, "v1").await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    d.wait_processed(64.0, Duration::from_secs(60));
+    d.kill9();
+    assert!(
+        w.queue_depth(&w.queue).await > 0,
+        "the kill came too late to test anything"
+    );
+
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    wait_drained(&w, &mut d).await;
+    assert!(d.sigterm().success());
+    assert_products(&w, 400, "v1").await;
+    assert!(w.drain_dlq().await.is_empty());
+    w.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_batch_exits_cleanly_and_loses_nothing() {
+    let w = World::new("sigterm", PRODUCTS, "[pipeline]\nbatch_max_events = 128\n");
+    w.declare().await;
+    publish_products(&w, 300, "v1").await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    d.wait_processed(1.0, Duration::from_secs(60));
+    let status = d.sigterm();
+    assert!(status.success(), "exit {status}: {}", d.log());
+    assert!(d.log().contains("stopped cleanly"), "{}", d.log());
+
+    // Whatever was not acked is still queued: a second run finishes the job.
+    publish_products(&w, 300, "v2").await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    wait_drained(&w, &mut d).await;
+    assert!(d.sigterm().success());
+    assert_products(&w, 300, "v2").await;
+    w.cleanup().await;
+}
