@@ -16,6 +16,7 @@ pub mod http;
 pub mod mapping;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod pipeline;
 pub mod search;
 pub mod sink;

@@ -1,7 +1,7 @@
 //! cdc-indexer: keeps a vector index in step with a database, from Debezium change events
 //! on RabbitMQ. See ARCHITECTURE.md for the map of the code.
 
-use cdc_indexer::{broker, dlq, embed, http, mapping, metrics, pipeline, search, sink};
+use cdc_indexer::{broker, dlq, embed, http, mapping, metrics, notify, pipeline, search, sink};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -226,7 +226,17 @@ async fn run(config: Config) -> Result<ExitCode, StageError> {
     let _ = search.set((embedder.clone(), sink.clone()));
     tracing::info!(sink = sink.name(), "index ready");
 
+    notify::spawn(metrics.health.clone(), cancel.clone());
+    let poller = tokio::spawn(broker::poll_queue_depths(
+        config.clone(),
+        metrics.clone(),
+        std::time::Duration::from_secs(5),
+        cancel.clone(),
+    ));
     let result = pipeline.run().await;
+    notify::notify("STOPPING=1");
+    cancel.cancel();
+    let _ = poller.await;
     http_cancel.cancel();
     let _ = http_task.await;
     match result {

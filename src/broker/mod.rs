@@ -119,6 +119,55 @@ pub fn header<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a AMQ
     headers?.inner().get(&ShortString::from(name.to_string()))
 }
 
+/// Every `period`, reads the depth of the main queue and the DLQ (passive declares, on a
+/// connection of its own) into `cdc_indexer_queue_messages`. Runs until `cancel`.
+pub async fn poll_queue_depths(
+    config: std::sync::Arc<crate::config::Config>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    period: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    use lapin::options::QueueDeclareOptions;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut session: Option<(Connection, lapin::Channel)> = None;
+    loop {
+        if session
+            .as_ref()
+            .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
+            && let Ok(connection) = connect(&config.broker, "metrics").await
+            && let Ok(channel) = connection.create_channel().await
+        {
+            session = Some((connection, channel));
+        }
+        if let Some((_, channel)) = &session {
+            for (role, queue) in [
+                ("main", &config.topology.queue),
+                ("dlq", &config.topology.dead_letter_queue),
+            ] {
+                if let Ok(q) = channel
+                    .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                    .await
+                {
+                    metrics
+                        .queue_messages
+                        .with_label_values(&[role])
+                        .set(i64::from(q.message_count()));
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = cancel.cancelled() => break,
+        }
+    }
+    if let Some((connection, _)) = session {
+        let _ = connection.close(200, "shutdown".into()).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@
 //! nothing), because the pipeline acks right after.
 
 pub mod embedded;
+pub mod llamaindex;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -134,6 +135,7 @@ pub trait Sink: Send + Sync {
 pub async fn from_config(config: &Config) -> Result<Arc<dyn Sink>, StageError> {
     Ok(match config.sink.kind {
         SinkKind::Embedded => Arc::new(embedded::EmbeddedSink::open(&config.sink.path)?),
+        SinkKind::Llamaindex => Arc::new(llamaindex::LlamaIndexSink::new(&config.sink)?),
         other => {
             return Err(StageError::fatal(format!(
                 "sink.kind = {other:?} is not available in this build"

@@ -428,3 +428,48 @@ pub async fn wait_drained(w: &World, d: &mut Daemon) {
     }
     panic!("not drained after 180 s: {}", d.log());
 }
+
+/// A received message: routing key, headers as text, body.
+pub type Received = (String, std::collections::BTreeMap<String, String>, Vec<u8>);
+
+/// Consumes exactly `n` messages of `queue` (auto-ack), waiting up to 10 s. The main queue is
+/// a quorum queue with single-active-consumer, which refuses `basic.get`.
+pub async fn consume_n(queue: &str, n: usize) -> Vec<Received> {
+    use futures_util::StreamExt;
+    let conn = connect().await;
+    let ch = conn.create_channel().await.expect("channel");
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            format!("test-{}", rand_suffix()).as_str().into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut out = Vec::new();
+    while out.len() < n {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("message in time")
+            .expect("stream")
+            .expect("delivery");
+        let headers = d
+            .properties
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), cdc_indexer::broker::header_text(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((d.routing_key.as_str().to_string(), headers, d.data.clone()));
+    }
+    let _ = conn.close(200, "ok".into()).await;
+    out
+}

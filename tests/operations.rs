@@ -1,0 +1,248 @@
+//! What operators rely on: systemd readiness, metrics, reconnection, the crash-loop guard.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+use lapin::types::FieldTable;
+
+const PRODUCTS: &str =
+    "[[tables]]\ntable = \"public.products\"\nid_columns = [\"id\"]\ntext = \"{name}\"\n";
+
+fn event(id: u64, lsn: u64) -> Vec<u8> {
+    serde_json::json!({"op": "c", "before": null, "after": {"id": id, "name": format!("product {id}")},
+        "source": {"name": "dbserver1", "schema": "public", "table": "products", "lsn": lsn, "ts_ms": chrono::Utc::now().timestamp_millis()}})
+    .to_string()
+    .into_bytes()
+}
+
+#[test]
+fn ready_is_sent_to_systemd_once_consuming() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let w = World::new("notify", PRODUCTS, "");
+    let socket_path = w.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let log = std::fs::File::create(w.dir.path().join("daemon-notify.log")).expect("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cdc-indexer"))
+        .args(["--config", path_str(&w.config_path), "run"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "2000000")
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let mut received = Vec::new();
+    let mut buf = [0u8; 512];
+    while !received.iter().any(|m: &String| m.contains("WATCHDOG=1")) {
+        let n = socket.recv(&mut buf).expect("a notification within 60 s");
+        received.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    assert!(received[0].starts_with("READY=1"), "{received:?}");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let n = socket.recv(&mut buf).expect("STOPPING");
+    let mut last = String::from_utf8_lossy(&buf[..n]).to_string();
+    while last.contains("WATCHDOG") {
+        let n = socket.recv(&mut buf).expect("STOPPING");
+        last = String::from_utf8_lossy(&buf[..n]).to_string();
+    }
+    assert_eq!(last, "STOPPING=1");
+    assert!(child.wait().expect("wait").success());
+    rt.block_on(w.cleanup());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_complete_and_pass_promtool() {
+    let w = World::new("metrics", PRODUCTS, "");
+    w.declare().await;
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    w.publish(&ch, "dbserver1.public.products", &event(1, 10))
+        .await;
+    w.publish(&ch, "dbserver1.public.products", b"garbage")
+        .await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    d.wait_processed(2.0, Duration::from_secs(60));
+    let (status, text) = d.get("/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "cdc_indexer_events_received_total{op=\"c\",table=\"public.products\"} 1",
+        "cdc_indexer_events_processed_total{op=\"c\",outcome=\"upserted\",table=\"public.products\"} 1",
+        "cdc_indexer_dead_lettered_total{kind=\"decode\",table=\"-\"} 1",
+        "cdc_indexer_batch_size_events_bucket",
+        "cdc_indexer_embed_duration_seconds_bucket",
+        "cdc_indexer_write_duration_seconds_bucket",
+        "cdc_indexer_lag_seconds_bucket",
+        "cdc_indexer_consumer_paused 0",
+        "cdc_indexer_broker_connected 1",
+        "cdc_indexer_build_info{version=",
+        "cdc_indexer_queue_messages{queue=\"dlq\"}",
+    ] {
+        assert!(text.contains(name), "missing `{name}` in:\n{text}");
+    }
+    assert_eq!(d.get("/healthz").map(|r| r.0), Some(200));
+    let (ready, body) = d.get("/readyz").expect("readyz");
+    assert_eq!(ready, 200, "{body}");
+
+    match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write");
+            let out = child.wait_with_output().expect("promtool");
+            assert!(
+                out.status.success(),
+                "promtool check metrics:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(e) => eprintln!(
+            "SKIPPED promtool check metrics: promtool not installed ({e}); scripts/test.sh installs it"
+        ),
+    }
+    assert!(d.sigterm().success());
+    w.cleanup().await;
+}
+
+/// Closes every connection whose client properties carry `name`; returns how many.
+fn close_connections(name: &str) -> usize {
+    let out = Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut closed = 0;
+    for line in text.lines().filter(|l| l.contains(name)) {
+        if let Some(pid) = line.split('\t').next() {
+            let status = Command::new("rabbitmqctl")
+                .args(["-q", "close_connection", pid, "fault injection"])
+                .status()
+                .expect("close");
+            if status.success() {
+                closed += 1;
+            }
+        }
+    }
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_the_broker_closes_the_connection_and_loses_nothing() {
+    let w = World::new(
+        "reconnect",
+        PRODUCTS,
+        "[pipeline]\nbatch_max_events = 50\nretry_initial_ms = 100\nretry_max_ms = 1000\n",
+    );
+    // A connection name of our own, to find our connection among the broker's.
+    let marker = w.name.clone();
+    let text = std::fs::read_to_string(&w.config_path)
+        .expect("config")
+        .replace(
+            "prefetch = 200",
+            &format!("prefetch = 200\nconnection_name = \"{marker}\""),
+        );
+    std::fs::write(&w.config_path, text).expect("config");
+    w.declare().await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    let rounds = 10;
+    let per_round = 100;
+    let mut id = 0;
+    for round in 0..rounds {
+        for _ in 0..per_round {
+            id += 1;
+            w.publish(&ch, "dbserver1.public.products", &event(id, 1000 + id))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            close_connections(&marker) >= 1,
+            "round {round}: the daemon's connection was not found"
+        );
+        // Back and consuming.
+        d.wait_ready(Duration::from_secs(30));
+    }
+    wait_drained(&w, &mut d).await;
+    let reconnects = d.metric_sum("cdc_indexer_broker_reconnects_total");
+    assert!(d.sigterm().success());
+    let index = w.index().await;
+    assert_eq!(index.count(None).await, id, "every product indexed");
+    assert!(w.drain_dlq().await.is_empty(), "nothing dead-lettered");
+    println!(
+        "reconnect test: {rounds} connection kills, {reconnects} reconnects, {id} events, 0 lost"
+    );
+    assert!(reconnects >= rounds as f64);
+    w.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_message_redelivered_past_the_limit_lands_in_the_dlq_as_delivery_limit() {
+    // topology.delivery_limit defaults to 5.
+    let w = World::new("delivery-limit", PRODUCTS, "");
+    w.declare().await;
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    w.publish(&ch, "dbserver1.public.products", &event(7, 70))
+        .await;
+    // A consumer that "crashes" on it every time: the broker counts each return.
+    let consumer_channel = conn.create_channel().await.expect("channel");
+    let mut consumer = consumer_channel
+        .basic_consume(
+            w.queue.as_str().into(),
+            "crasher".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut deliveries = 0;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(3), consumer.next()).await
+    {
+        deliveries += 1;
+        d.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .expect("nack");
+    }
+    assert!(deliveries >= 5, "{deliveries} deliveries");
+    let out = Command::new(env!("CARGO_BIN_EXE_cdc-indexer"))
+        .args([
+            "--config",
+            path_str(&w.config_path),
+            "dlq",
+            "peek",
+            "--json",
+        ])
+        .output()
+        .expect("peek");
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(entries[0]["error_kind"], "delivery-limit", "{entries}");
+    assert_eq!(entries[0]["table"], "public.products");
+    assert_eq!(entries[0]["routing_key"], "dbserver1.public.products");
+    let _ = conn.close(200, "ok".into()).await;
+    w.cleanup().await;
+}
