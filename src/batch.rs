@@ -159,6 +159,8 @@ fn merge(earlier: &Planned, later: Planned) -> Planned {
 /// What the index holds for a document (read from its chunk 0).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredState {
+    /// The document was deleted: only a marker (no vector, no text) keeps its position.
+    pub deleted: bool,
     pub hash: Option<String>,
     pub position: Option<SourcePosition>,
     pub chunks: usize,
@@ -190,6 +192,9 @@ pub struct WritePlan {
     pub truncate_tables: Vec<String>,
     pub delete_keys: Vec<DocumentKey>,
     pub delete_points: Vec<uuid::Uuid>,
+    /// Delete markers: vector-less points at chunk 0 of a deleted key that keep its source
+    /// position, so an old event replayed after the delete is recognised as stale.
+    pub markers: Vec<PayloadWrite>,
     /// Points to embed (`text`) and write.
     pub upserts: Vec<PointWrite>,
     pub payload_updates: Vec<PayloadWrite>,
@@ -200,6 +205,7 @@ impl WritePlan {
         self.truncate_tables.is_empty()
             && self.delete_keys.is_empty()
             && self.delete_points.is_empty()
+            && self.markers.is_empty()
             && self.upserts.is_empty()
             && self.payload_updates.is_empty()
     }
@@ -242,6 +248,13 @@ pub fn plan(batch: &Coalesced, stored: &HashMap<DocumentKey, StoredState>) -> Pl
                     out.stale.push((key.clone(), *origin));
                 } else {
                     out.plan.delete_keys.push(key.clone());
+                    let mut meta = cdc_meta(key, 0, 0, &None, position, None);
+                    meta["deleted"] = Value::Bool(true);
+                    let payload: Row = [("_cdc".to_string(), meta)].into_iter().collect();
+                    out.plan.markers.push(PayloadWrite {
+                        id: key.point_id(0),
+                        payload,
+                    });
                 }
             }
             Planned::Upsert {
@@ -255,6 +268,8 @@ pub fn plan(batch: &Coalesced, stored: &HashMap<DocumentKey, StoredState>) -> Pl
                     out.stale.push((doc.key.clone(), *origin));
                     continue;
                 }
+                // A delete marker only guards the position; the document itself is gone.
+                let state = state.filter(|s| !s.deleted);
                 let mut fields = doc.fields.clone();
                 if let Some(state) = state {
                     for column in unavailable {
@@ -354,12 +369,18 @@ pub fn stored_state(payload: &Row) -> Option<StoredState> {
         .filter(|(k, _)| k.as_str() != "_cdc" && k.as_str() != "text")
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let deleted = cdc.get("deleted").and_then(Value::as_bool).unwrap_or(false);
     Some(StoredState {
+        deleted,
         hash: cdc.get("hash").and_then(Value::as_str).map(str::to_string),
         position: cdc
             .get("position")
             .and_then(|p| serde_json::from_value(p.clone()).ok()),
-        chunks: cdc.get("chunks").and_then(Value::as_u64).unwrap_or(1) as usize,
+        chunks: if deleted {
+            0
+        } else {
+            cdc.get("chunks").and_then(Value::as_u64).unwrap_or(1) as usize
+        },
         fields,
     })
 }

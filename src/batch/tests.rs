@@ -120,6 +120,7 @@ fn shrinking_document_deletes_surplus_chunks() {
     let stored = HashMap::from([(
         key(1),
         StoredState {
+            deleted: false,
             hash: Some(text_hash(long)),
             position: pos(1),
             chunks: 4,
@@ -138,6 +139,7 @@ fn shrinking_document_deletes_surplus_chunks() {
 fn stale_events_are_skipped() {
     let c = coalesce(vec![upsert(1, "old", 5, 0), delete(2, 5, 1)]);
     let newer = StoredState {
+        deleted: false,
         hash: None,
         position: pos(9),
         chunks: 1,
@@ -155,6 +157,7 @@ fn equal_position_is_not_stale() {
     let stored = HashMap::from([(
         key(1),
         StoredState {
+            deleted: false,
             hash: None,
             position: pos(5),
             chunks: 1,
@@ -170,6 +173,7 @@ fn unchanged_text_updates_payload_without_embedding() {
     let stored = HashMap::from([(
         key(1),
         StoredState {
+            deleted: false,
             hash: Some(text_hash("same text")),
             position: pos(3),
             chunks: 1,
@@ -209,6 +213,7 @@ fn toast_unavailable_columns_keep_stored_values() {
     let stored = HashMap::from([(
         key(1),
         StoredState {
+            deleted: false,
             hash: Some("h".into()),
             position: pos(3),
             chunks: 2,
@@ -273,4 +278,24 @@ fn an_older_event_behind_a_newer_one_in_the_batch_is_stale() {
     assert_eq!(out.plan.upserts.len(), 1);
     assert_eq!(out.plan.upserts[0].text, "new");
     assert_eq!(out.stale, vec![(key(1), 1)]);
+}
+
+#[test]
+fn a_delete_leaves_a_marker_that_makes_older_replays_stale() {
+    let out = plan(&coalesce(vec![delete(1, 20, 0)]), &HashMap::new());
+    assert_eq!(out.plan.delete_keys, vec![key(1)]);
+    assert_eq!(out.plan.markers.len(), 1);
+    assert_eq!(out.plan.markers[0].id, key(1).point_id(0));
+    let state = stored_state(&out.plan.markers[0].payload).expect("marker state");
+    assert!(state.deleted);
+    assert_eq!(state.chunks, 0);
+    // An old create replayed from the DLQ after the delete: stale.
+    let stored = HashMap::from([(key(1), state.clone())]);
+    let out = plan(&coalesce(vec![upsert(1, "resurrected?", 10, 0)]), &stored);
+    assert!(out.plan.upserts.is_empty());
+    assert_eq!(out.stale.len(), 1);
+    // A newer create: written in full, nothing to delete as surplus.
+    let out = plan(&coalesce(vec![upsert(1, "back again", 30, 0)]), &stored);
+    assert_eq!(out.plan.upserts.len(), 1);
+    assert!(out.plan.delete_points.is_empty());
 }

@@ -99,6 +99,24 @@ fn table_filter(table: &str) -> Result<Filter, StageError> {
     Ok(must(vec![keyword("_cdc.table", table)?]))
 }
 
+/// `filter` (or everything) minus delete markers: what counts as a stored document.
+fn documents_only(filter: Option<Filter>) -> Result<Filter, StageError> {
+    let marker = Condition::Field(FieldCondition::new_match(
+        path("_cdc.deleted")?,
+        Match::Value(MatchValue {
+            value: ValueVariants::Bool(true),
+        }),
+    ));
+    let mut filter = filter.unwrap_or(Filter {
+        should: None,
+        min_should: None,
+        must: None,
+        must_not: None,
+    });
+    filter.must_not = Some(vec![marker]);
+    Ok(filter)
+}
+
 fn payload_map(payload: Option<Payload>) -> Row {
     payload
         .map(|p| p.0.into_iter().collect())
@@ -214,6 +232,23 @@ impl Sink for EmbeddedSink {
                     PointOperations::DeletePointsByFilter(key_filter(key)?),
                 ))?;
             }
+            if !write.markers.is_empty() {
+                let markers = write
+                    .markers
+                    .iter()
+                    .map(|m| {
+                        PointStruct::new(
+                            PointId::Uuid(m.id),
+                            Vectors::new_named(Vec::<(&str, Vec<f32>)>::new()),
+                            Value::Object(m.payload.clone()),
+                        )
+                        .into()
+                    })
+                    .collect();
+                apply(UpdateOperation::PointOperation(
+                    PointOperations::UpsertPoints(PointInsertOperations::PointsList(markers)),
+                ))?;
+            }
             if !write.delete_points.is_empty() {
                 let ids = write
                     .delete_points
@@ -285,7 +320,7 @@ impl Sink for EmbeddedSink {
     }
 
     async fn fetch(&self, key: &DocumentKey) -> Result<Vec<StoredPoint>, StageError> {
-        let filter = key_filter(key)?;
+        let filter = documents_only(Some(key_filter(key)?))?;
         self.with_shard("scroll", move |shard| {
             let mut request = ScrollRequest::new();
             request.filter = Some(filter);
@@ -308,7 +343,7 @@ impl Sink for EmbeddedSink {
     }
 
     async fn count(&self, table: Option<&str>) -> Result<u64, StageError> {
-        let filter = table.map(table_filter).transpose()?;
+        let filter = Some(documents_only(table.map(table_filter).transpose()?)?);
         self.with_shard("count", move |shard| {
             let mut request = CountRequest::new();
             request.filter = filter;

@@ -3,6 +3,9 @@
 //! documents (all chunks of a key, with our vectors and `_cdc` metadata) and it replaces
 //! every earlier node of that key, so a repeated upsert is idempotent.
 //!
+//! Delete markers (`Write::markers`) are not sent: the service keeps no vector-less points,
+//! so with this sink an old event replayed after its row's delete can re-create the document.
+//!
 //! Endpoints: `POST /v1/documents:upsert`, `:delete`, `:get`, `:count`, `POST /v1/search`,
 //! `GET /healthz`. Timeouts and 5xx are transient (the pipeline retries), 4xx poison.
 

@@ -40,6 +40,8 @@ pub struct Write {
     pub truncate_tables: Vec<String>,
     pub delete_keys: Vec<DocumentKey>,
     pub delete_points: Vec<uuid::Uuid>,
+    /// Vector-less delete markers (see `batch::WritePlan::markers`).
+    pub markers: Vec<PayloadWrite>,
     pub upserts: Vec<Point>,
     pub payload_updates: Vec<PayloadWrite>,
 }
@@ -61,6 +63,7 @@ impl Write {
             truncate_tables: plan.truncate_tables,
             delete_keys: plan.delete_keys,
             delete_points: plan.delete_points,
+            markers: plan.markers,
             upserts,
             payload_updates: plan.payload_updates,
         }
@@ -70,6 +73,7 @@ impl Write {
         self.truncate_tables.is_empty()
             && self.delete_keys.is_empty()
             && self.delete_points.is_empty()
+            && self.markers.is_empty()
             && self.upserts.is_empty()
             && self.payload_updates.is_empty()
     }
