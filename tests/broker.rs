@@ -71,6 +71,57 @@ async fn conflicting_queue_is_a_clear_start_error() {
     w.cleanup().await;
 }
 
+#[tokio::test]
+async fn verify_reports_missing_and_different_objects() {
+    let w = World::new("topo-verify", TABLES, "");
+    let verify = || {
+        Command::new(env!("CARGO_BIN_EXE_cdc-indexer"))
+            .args(["--config", path_str(&w.config_path), "topology", "verify"])
+            .output()
+            .expect("run")
+    };
+    let out = verify();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(stdout.matches("missing").count(), 4, "{stdout}");
+    w.declare().await;
+    let out = verify();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Drift: the DLQ recreated as a quorum queue.
+    let conn = connect().await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_delete(w.dlq.as_str().into(), Default::default())
+        .await
+        .expect("delete");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    ch.queue_declare(
+        w.dlq.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare");
+    let out = verify();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout.contains(&format!("DRIFT queue `{}`", w.dlq)) && stdout.contains("x-queue-type"),
+        "{stdout}"
+    );
+    w.cleanup().await;
+}
+
 #[test]
 fn bad_config_fails_at_start_naming_file_and_key() {
     let dir = tempfile::tempdir().expect("tmp");

@@ -211,3 +211,114 @@ pub fn definitions(t: &TopologyConfig, vhost: &str) -> Value {
         "bindings": bindings
     })
 }
+
+/// One finding of [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    pub object: String,
+    pub problem: String,
+}
+
+/// Compares the broker with the configuration without changing anything: each object must
+/// exist (passive declare) and accept our exact declaration (an equivalent re-declare is a
+/// no-op; a different type or argument set is refused with the differing argument named).
+/// Bindings cannot be read over AMQP; they are reported as unchecked.
+pub async fn verify(
+    connection: &lapin::Connection,
+    t: &TopologyConfig,
+) -> Result<Vec<Drift>, StageError> {
+    let mut drift = Vec::new();
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let queue_options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let exchanges = [
+        (&t.exchange, ExchangeKind::Topic),
+        (&t.dead_letter_exchange, ExchangeKind::Fanout),
+    ];
+    for (name, kind) in exchanges {
+        let object = format!("exchange `{name}`");
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| crate::broker::amqp_error("open channel", e))?;
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        if let Err(e) = channel
+            .exchange_declare(
+                name.as_str().into(),
+                kind.clone(),
+                passive,
+                FieldTable::default(),
+            )
+            .await
+        {
+            drift.push(Drift {
+                object,
+                problem: format!("missing ({e})"),
+            });
+            continue;
+        }
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| crate::broker::amqp_error("open channel", e))?;
+        if let Err(e) = channel
+            .exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
+            .await
+        {
+            drift.push(Drift {
+                object,
+                problem: format!("differs from the config: {e}"),
+            });
+        }
+    }
+    let queues = [
+        (&t.dead_letter_queue, dead_letter_queue_arguments()),
+        (&t.queue, main_queue_arguments(t)),
+    ];
+    for (name, args) in queues {
+        let object = format!("queue `{name}`");
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| crate::broker::amqp_error("open channel", e))?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        if let Err(e) = channel
+            .queue_declare(name.as_str().into(), passive, FieldTable::default())
+            .await
+        {
+            drift.push(Drift {
+                object,
+                problem: format!("missing ({e})"),
+            });
+            continue;
+        }
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| crate::broker::amqp_error("open channel", e))?;
+        if let Err(e) = channel
+            .queue_declare(name.as_str().into(), queue_options, field_table(&args))
+            .await
+        {
+            drift.push(Drift {
+                object,
+                problem: format!(
+                    "differs from the config (we want durable, {}): {e}",
+                    describe(&args)
+                ),
+            });
+        }
+    }
+    Ok(drift)
+}

@@ -323,7 +323,7 @@ impl Daemon {
                         || l.as_bytes().get(name.len()) == Some(&b' '))
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+            .fold(0.0, |a, b| a + b)
     }
 
     /// Waits until `events_processed_total` reaches `n`.

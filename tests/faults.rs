@@ -1,0 +1,297 @@
+//! Fault injection against the real RabbitMQ: crashes at random moments, redeliveries and DLQ
+//! replays of old events, a poison corpus. Each test prints its figures.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cdc_indexer::broker::dead_letter::{DeadLetter, DeadLetterPublisher};
+use common::*;
+use rand::Rng;
+use serde_json::json;
+
+const PRODUCTS: &str =
+    "[[tables]]\ntable = \"public.products\"\nid_columns = [\"id\"]\ntext = \"{name}\"\n";
+
+/// One generated change: key, op, source position.
+#[derive(Clone, Debug)]
+struct Change {
+    id: u64,
+    op: &'static str,
+    lsn: u64,
+}
+
+impl Change {
+    fn body(&self) -> Vec<u8> {
+        let row = json!({"id": self.id, "name": format!("product {} at {}", self.id, self.lsn)});
+        let (before, after) = if self.op == "d" {
+            (row, json!(null))
+        } else {
+            (json!(null), row)
+        };
+        json!({"op": self.op, "before": before, "after": after,
+               "source": {"name": "dbserver1", "schema": "public", "table": "products", "lsn": self.lsn, "ts_ms": chrono::Utc::now().timestamp_millis()}})
+        .to_string()
+        .into_bytes()
+    }
+}
+
+/// `n` random c/u/d changes over `keys` keys, positions increasing.
+fn random_changes(n: u64, keys: u64) -> Vec<Change> {
+    let mut rng = rand::rng();
+    let mut exists = BTreeMap::new();
+    (1..=n)
+        .map(|lsn| {
+            let id = rng.random_range(1..=keys);
+            let present = *exists.get(&id).unwrap_or(&false);
+            let op = match (present, rng.random_range(0..10)) {
+                (false, _) => "c",
+                (true, 0..=2) => "d",
+                (true, _) => "u",
+            };
+            exists.insert(id, op != "d");
+            Change {
+                id,
+                op,
+                lsn: 1_000 + lsn,
+            }
+        })
+        .collect()
+}
+
+/// Final state: id → expected name, for ids whose last change is not a delete.
+fn expected(changes: &[Change]) -> BTreeMap<u64, String> {
+    let mut last = BTreeMap::new();
+    for c in changes {
+        last.insert(c.id, c.clone());
+    }
+    last.into_values()
+        .filter(|c| c.op != "d")
+        .map(|c| (c.id, format!("product {} at {}", c.id, c.lsn)))
+        .collect()
+}
+
+async fn assert_index_equals(w: &World, want: &BTreeMap<u64, String>, keys: u64) {
+    let index = w.index().await;
+    assert_eq!(
+        index.count(Some("public.products")).await,
+        want.len() as u64,
+        "point count"
+    );
+    for id in 1..=keys {
+        let doc = index
+            .doc("public.products", &format!("{{\"id\":{id}}}"))
+            .await;
+        match want.get(&id) {
+            Some(name) => {
+                assert_eq!(doc.len(), 1, "id {id} missing");
+                assert_eq!(doc[0].payload["name"], json!(name), "id {id}");
+            }
+            None => assert!(doc.is_empty(), "id {id} should be deleted: {doc:?}"),
+        }
+    }
+}
+
+async fn publish_all(w: &World, changes: &[Change]) {
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    for c in changes {
+        w.publish(&ch, "dbserver1.public.products", &c.body()).await;
+    }
+    let _ = conn.close(200, "ok".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_under_load_loses_nothing() {
+    let w = World::new(
+        "chaos-kill",
+        PRODUCTS,
+        "[pipeline]\nbatch_max_events = 40\nbatch_max_wait_ms = 50\n",
+    );
+    w.declare().await;
+    let keys = 150;
+    let changes = random_changes(1500, keys);
+    // Publish in the background while the daemon is killed and restarted.
+    let publisher = {
+        let changes = changes.clone();
+        let exchange = w.exchange.clone();
+        tokio::spawn(async move {
+            let conn = connect().await;
+            let ch = confirm_channel(&conn).await;
+            for c in &changes {
+                let confirm = ch
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "dbserver1.public.products".into(),
+                        Default::default(),
+                        &c.body(),
+                        lapin::BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .expect("publish");
+                confirm.await.expect("confirm");
+                // Spread the load over all the kill rounds.
+                tokio::time::sleep(Duration::from_millis(12)).await;
+            }
+            let _ = conn.close(200, "ok".into()).await;
+        })
+    };
+    let rounds = 10;
+    let mut rng = rand::rng();
+    for round in 0..rounds {
+        let mut d = w.start();
+        d.wait_ready(Duration::from_secs(60));
+        let after = Duration::from_millis(rng.random_range(100..1200));
+        tokio::time::sleep(after).await;
+        d.kill9();
+        println!(
+            "chaos round {round}: killed after {after:?}, main queue {}",
+            w.queue_depth(&w.queue).await
+        );
+    }
+    publisher.await.expect("publisher");
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    wait_drained(&w, &mut d).await;
+    let stale = d.metric_sum("cdc_indexer_skipped_total") + 0.0;
+    assert!(d.sigterm().success());
+    let want = expected(&changes);
+    assert_index_equals(&w, &want, keys).await;
+    let dead = w.drain_dlq().await;
+    assert!(dead.is_empty(), "dead-lettered: {}", dead.len());
+    println!(
+        "chaos: {rounds} kill -9 rounds, {} events, {} keys present at the end, 0 lost, 0 dead-lettered, {stale} skipped in the last run",
+        changes.len(),
+        want.len()
+    );
+    w.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeliveries_and_dlq_replays_of_old_events_keep_the_exact_final_state() {
+    let w = World::new(
+        "chaos-replay",
+        PRODUCTS,
+        "[pipeline]\nbatch_max_events = 30\n",
+    );
+    w.declare().await;
+    let keys = 60;
+    let changes = random_changes(600, keys);
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    publish_all(&w, &changes).await;
+    wait_drained(&w, &mut d).await;
+
+    // Old events again: re-published (as a redelivery would), and put in the DLQ then replayed.
+    let mut rng = rand::rng();
+    let old: Vec<Change> = (0..150)
+        .map(|_| changes[rng.random_range(0..changes.len() - 1)].clone())
+        .collect();
+    publish_all(&w, &old[..75]).await;
+    let conn = connect().await;
+    let dlx = DeadLetterPublisher::open(&conn, &w.dlx).await.expect("dlx");
+    for c in &old[75..] {
+        let letter = DeadLetter {
+            kind: "sink",
+            reason: "simulated earlier failure".into(),
+        };
+        dlx.publish(
+            &c.body(),
+            &lapin::BasicProperties::default(),
+            &w.exchange,
+            "dbserver1.public.products",
+            &letter,
+        )
+        .await
+        .expect("dead letter");
+    }
+    let summary = cdc_indexer::dlq::replay(
+        &conn,
+        &w.config(),
+        &cdc_indexer::dlq::ReplayArgs {
+            limit: None,
+            table: None,
+            error_kind: None,
+            dry_run: false,
+        },
+    )
+    .await
+    .expect("replay");
+    assert_eq!(summary.replayed, 75);
+    let _ = conn.close(200, "ok".into()).await;
+    wait_drained(&w, &mut d).await;
+    let stale = d.metric_sum("cdc_indexer_skipped_total");
+    assert!(d.sigterm().success());
+    assert_index_equals(&w, &expected(&changes), keys).await;
+    println!(
+        "replays: {} changes, 150 old events re-sent (75 redelivered, 75 via DLQ replay), {stale} skipped as stale or unchanged",
+        changes.len()
+    );
+    assert!(
+        stale >= 100.0,
+        "most old events must be recognised: {stale}"
+    );
+    w.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_poison_message_is_dead_lettered_with_a_reason_and_the_daemon_stays_ready() {
+    let w = World::new("poison", PRODUCTS, "");
+    w.declare().await;
+    let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
+    let huge = format!(
+        "{{\"op\":\"c\",\"source\":{{\"schema\":\"public\",\"table\":\"products\"}},\"after\":{{\"id\":1,\"name\":\"{}\"",
+        "x".repeat(10 * 1024 * 1024)
+    );
+    let corpus: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated JSON", br#"{"op":"c","source":{"schema":"public","table":"products"},"after":{"id":1,"na"#.to_vec()),
+        ("wrong type of op", br#"{"op":1,"source":{"schema":"public","table":"products"},"after":{"id":1,"name":"x"}}"#.to_vec()),
+        ("wrong type of after", br#"{"op":"c","source":{"schema":"public","table":"products"},"after":"row"}"#.to_vec()),
+        ("missing key column", br#"{"op":"c","source":{"schema":"public","table":"products"},"after":{"name":"no id"}}"#.to_vec()),
+        ("null key", br#"{"op":"c","source":{"schema":"public","table":"products"},"after":{"id":null,"name":"x"}}"#.to_vec()),
+        ("missing template column", br#"{"op":"u","source":{"schema":"public","table":"products"},"after":{"id":5}}"#.to_vec()),
+        ("binary garbage", vec![0xff, 0x00, 0xfe, 0x13, 0x37, 0x80, 0x81]),
+        ("unknown op", br#"{"op":"x","source":{"schema":"public","table":"products"},"after":{"id":1,"name":"x"}}"#.to_vec()),
+        ("deep nesting", deep.into_bytes()),
+        ("10 MB truncated body", huge.into_bytes()),
+        ("JSON array", b"[1,2,3]".to_vec()),
+        ("delete without before", br#"{"op":"d","source":{"schema":"public","table":"products"},"before":null}"#.to_vec()),
+    ];
+    let good = br#"{"op":"c","source":{"name":"dbserver1","schema":"public","table":"products","lsn":9},"after":{"id":42,"name":"the good one"}}"#;
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    for (_, body) in &corpus {
+        w.publish(&ch, "dbserver1.public.products", body).await;
+    }
+    w.publish(&ch, "dbserver1.public.products", good).await;
+    d.wait_processed((corpus.len() + 1) as f64, Duration::from_secs(120));
+    assert_eq!(d.get("/readyz").map(|r| r.0), Some(200), "still ready");
+    assert!(d.sigterm().success());
+
+    let dead = w.drain_dlq().await;
+    assert_eq!(dead.len(), corpus.len(), "one DLQ entry per poison message");
+    for ((what, body), (_, headers, dead_body)) in corpus.iter().zip(&dead) {
+        assert!(!headers["x-cdc-error"].is_empty(), "{what}: no reason");
+        assert!(
+            ["decode", "mapping"].contains(&headers["x-cdc-error-kind"].as_str()),
+            "{what}: {headers:?}"
+        );
+        assert_eq!(body, dead_body, "{what}: body changed");
+        println!(
+            "poison {what:<26} → {}: {}",
+            headers["x-cdc-error-kind"],
+            &headers["x-cdc-error"][..headers["x-cdc-error"].len().min(90)]
+        );
+    }
+    let index = w.index().await;
+    assert_eq!(
+        index.doc("public.products", r#"{"id":42}"#).await.len(),
+        1,
+        "the good message was indexed"
+    );
+    assert_eq!(index.count(None).await, 1);
+    w.cleanup().await;
+}
