@@ -20,6 +20,8 @@
 
 mod logical;
 
+pub use logical::is_unavailable;
+
 use serde_json::{Map, Value};
 
 use crate::model::{Change, ChangeEvent, Ignored, Op, PositionAt, Row, SourcePosition, TableName};

@@ -31,6 +31,9 @@ use crate::model::{DocumentKey, Row};
 pub struct EmbeddedSink {
     path: std::path::PathBuf,
     shard: Arc<std::sync::OnceLock<EdgeShard>>,
+    /// An exclusive lock on `<path>/cdc-indexer.lock`, held while the shard is open: two
+    /// processes writing one shard would corrupt it.
+    lock: Arc<std::sync::OnceLock<std::fs::File>>,
 }
 
 impl EmbeddedSink {
@@ -40,6 +43,7 @@ impl EmbeddedSink {
         Ok(EmbeddedSink {
             path: path.to_path_buf(),
             shard: Arc::new(std::sync::OnceLock::new()),
+            lock: Arc::new(std::sync::OnceLock::new()),
         })
     }
 
@@ -117,6 +121,27 @@ fn documents_only(filter: Option<Filter>) -> Result<Filter, StageError> {
     Ok(filter)
 }
 
+/// The shard's `text` vector must have the model's size and cosine distance.
+fn check_vector(shard: &EdgeShard, path: &Path, vector_size: usize) -> Result<(), StageError> {
+    let existing = shard
+        .config()
+        .vectors
+        .get(VECTOR_NAME)
+        .map(|v| (v.size, v.distance));
+    match existing {
+        Some((size, Distance::Cosine)) if size == vector_size => Ok(()),
+        other => Err(StageError::fatal(format!(
+            "the embedded index at {} has vector `{VECTOR_NAME}` = {}, but the model needs size {vector_size}, distance Cosine; \
+             point sink.path elsewhere or delete the directory to re-index",
+            path.display(),
+            match other {
+                Some((s, d)) => format!("size {s}, distance {d:?}"),
+                None => "missing".to_string(),
+            }
+        ))),
+    }
+}
+
 fn payload_map(payload: Option<Payload>) -> Row {
     payload
         .map(|p| p.0.into_iter().collect())
@@ -132,31 +157,36 @@ impl Sink for EmbeddedSink {
     async fn prepare(&self, vector_size: usize) -> Result<(), StageError> {
         let path = self.path.clone();
         let cell = self.shard.clone();
+        let lock_cell = self.lock.clone();
         tokio::task::spawn_blocking(move || {
-            if cell.get().is_some() {
-                return Ok(());
+            if let Some(shard) = cell.get() {
+                return check_vector(shard, &path, vector_size);
             }
+            std::fs::create_dir_all(&path).map_err(|e| {
+                StageError::fatal(format!("cannot create the embedded index directory {}: {e}", path.display()))
+            })?;
+            let lock_path = path.join("cdc-indexer.lock");
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| StageError::fatal(format!("cannot open {}: {e}", lock_path.display())))?;
+            if lock.try_lock().is_err() {
+                return Err(StageError::fatal(format!(
+                    "the embedded index at {} is open in another process (lock {}); stop it, or query it through its /search",
+                    path.display(),
+                    lock_path.display()
+                )));
+            }
+            let _ = lock_cell.set(lock);
             let wanted = EdgeVectorParams::builder(vector_size, Distance::Cosine);
             let exists = path.join("edge_config.json").exists();
             let shard = if exists {
                 let shard = EdgeShard::load(&path, None).map_err(|e| {
                     StageError::fatal(format!("cannot open the embedded index at {}: {e}", path.display()))
                 })?;
-                let existing = shard.config().vectors.get(VECTOR_NAME).map(|v| (v.size, v.distance));
-                match existing {
-                    Some((size, distance)) if size == vector_size && distance == Distance::Cosine => {}
-                    other => {
-                        return Err(StageError::fatal(format!(
-                            "the embedded index at {} has vector `{VECTOR_NAME}` = {}, but the model needs size {vector_size}, distance Cosine; \
-                             point sink.path elsewhere or delete the directory to re-index",
-                            path.display(),
-                            match other {
-                                Some((s, d)) => format!("size {s}, distance {d:?}"),
-                                None => "missing".to_string(),
-                            }
-                        )));
-                    }
-                }
+                check_vector(&shard, &path, vector_size)?;
                 shard
             } else {
                 std::fs::create_dir_all(&path).map_err(|e| {

@@ -281,20 +281,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// A plain HTTP/1.0 GET on the side port (blocking, no client runtime involved).
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(&self.http).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.http).ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let status = response.split(' ').nth(1)?.parse().ok()?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Some((status, body))
+        http_get(&self.http, path)
     }
 
     pub fn wait_ready(&mut self, timeout: Duration) {
@@ -393,6 +381,22 @@ impl Drop for Daemon {
     }
 }
 
+/// A plain HTTP/1.0 GET (blocking, no client runtime involved): status and body.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf8 path")
 }
@@ -472,4 +476,90 @@ pub async fn consume_n(queue: &str, n: usize) -> Vec<Received> {
     }
     let _ = conn.close(200, "ok".into()).await;
     out
+}
+
+/// The python-indexer service (python-indexer/run.sh) on a free loopback port, with its own
+/// local Qdrant directory. Killed on drop.
+pub struct PythonIndexer {
+    pub child: Child,
+    pub url: String,
+    pub port: u16,
+    pub qdrant_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+impl PythonIndexer {
+    pub fn start(dir: &Path) -> PythonIndexer {
+        Self::start_on(dir, free_port())
+    }
+
+    pub fn start_on(dir: &Path, port: u16) -> PythonIndexer {
+        let qdrant_path = dir.join("python-qdrant");
+        let log_path = dir.join(format!("python-indexer-{port}-{}.log", rand_suffix()));
+        let child = Command::new(format!("{REPO}/python-indexer/run.sh"))
+            .env("PYTHON_INDEXER_PORT", port.to_string())
+            .env("PYTHON_INDEXER_QDRANT_PATH", &qdrant_path)
+            .env("PYTHON_INDEXER_COLLECTION", "conformance")
+            .env("CDC_INDEXER_MODELS", format!("{REPO}/.models"))
+            .env_remove("QDRANT_URL")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).expect("log"))
+            .spawn()
+            .expect("spawn python-indexer");
+        let mut p = PythonIndexer {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            qdrant_path,
+            log_path,
+        };
+        p.wait_healthy();
+        p
+    }
+
+    pub fn wait_healthy(&mut self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(120) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "python-indexer exited with {status}: {}",
+                    std::fs::read_to_string(&self.log_path).unwrap_or_default()
+                );
+            }
+            if matches!(
+                http_get(&format!("127.0.0.1:{}", self.port), "/healthz"),
+                Some((200, _))
+            ) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "python-indexer not healthy: {}",
+            std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        );
+    }
+
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PythonIndexer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
 }
