@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 reqs=()
 files=()
-for f in python-indexer/requirements.txt python-indexer/requirements-dev.txt debezium/requirements.txt; do
+for f in python-indexer/requirements.txt python-indexer/requirements-dev.txt debezium/requirements.txt tests/deploy/requirements.txt; do
   if [ -f "$REPO/$f" ]; then
     reqs+=(-r "$REPO/$f")
     files+=("$REPO/$f")

@@ -9,6 +9,12 @@ cd "$REPO"
 scripts/ensure-services.sh
 scripts/setup-models.sh
 scripts/setup-python.sh
+# promtool (Debian package `prometheus`) checks the live /metrics and the alert rules.
+if ! command -v promtool >/dev/null; then
+  echo "== installing promtool (Debian package prometheus)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+    || echo "warning: promtool could not be installed; its checks will report SKIPPED"
+fi
 
 export PATH="$REPO/.venv/bin:$PATH"
 echo "== cargo fmt / clippy"
@@ -16,8 +22,21 @@ cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --locked -- --test-threads="${CDC_TEST_THREADS:-2}"
-if [ -d python-indexer/tests ]; then
-  echo "== python-indexer tests"
-  "$REPO/.venv/bin/python" -m pytest -q python-indexer/tests
+if [ -n "${QDRANT_URL:-}" ]; then
+  echo "== qdrant sink conformance against $QDRANT_URL"
+  cargo test --locked --test sink_conformance -- --ignored qdrant_sink_conforms
+else
+  echo "== qdrant sink conformance: SKIPPED (set QDRANT_URL to a Qdrant server to run it)"
 fi
+echo "== python tests (python-indexer service, deploy manifests)"
+"$REPO/.venv/bin/python" -m pytest -q python-indexer/tests tests/deploy
+echo "== fuzz smoke (the decoder, ${CDC_FUZZ_SECONDS:-30} s)"
+fuzz_log=$(mktemp)
+if ! scripts/fuzz.sh "${CDC_FUZZ_SECONDS:-30}" > "$fuzz_log" 2>&1; then
+  tail -40 "$fuzz_log"
+  echo "fuzz smoke FAILED (log above)"
+  exit 1
+fi
+grep -E "^Done|stat::number_of_executed_units" "$fuzz_log" || true
+rm -f "$fuzz_log"
 echo "== all tests passed"

@@ -237,9 +237,13 @@ async fn run(config: Config) -> Result<ExitCode, StageError> {
         metrics: metrics.clone(),
         cancel: cancel.clone(),
     };
-    pipeline
-        .retry("sink", || sink.prepare(embedder.dimensions()))
-        .await?;
+    tokio::select! {
+        r = pipeline.retry("sink", || sink.prepare(embedder.dimensions())) => r?,
+        _ = cancel.cancelled() => {
+            tracing::info!("stopped before the index was ready");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     metrics
         .health
         .sink_ok

@@ -190,6 +190,7 @@ impl Pipeline {
 
     /// Runs `f` until it succeeds, retrying transient failures with exponential backoff and
     /// jitter, without limit, pausing intake meanwhile. Poison and fatal errors return at once.
+    /// Not cancellable by itself: callers race it against the shutdown deadline.
     pub async fn retry<T, F, Fut>(&self, stage: &'static str, f: F) -> Result<T, StageError>
     where
         F: FnMut() -> Fut,
@@ -216,10 +217,9 @@ impl Pipeline {
                 }
                 tracing::debug!(stage, retry_in_ms = wait.as_millis() as u64, "retrying");
             });
-        let result = tokio::select! {
-            r = attempt => r,
-            _ = self.cancel.cancelled() => Err(StageError::transient(format!("shutdown while retrying the {stage}"))),
-        };
+        // On shutdown the retries go on: the caller bounds them by the shutdown deadline, so a
+        // sink that recovers within it still gets the open batch written and acked.
+        let result = attempt.await;
         if result.is_ok()
             && metrics
                 .health

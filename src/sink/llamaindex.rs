@@ -76,14 +76,17 @@ impl LlamaIndexSink {
         })
     }
 
-    async fn get_documents(&self, keys: &[DocumentKey]) -> Result<Vec<Value>, StageError> {
+    async fn get_documents(
+        &self,
+        keys: &[DocumentKey],
+        with_embeddings: bool,
+    ) -> Result<Vec<Value>, StageError> {
         let keys: Vec<Value> = keys
             .iter()
             .map(|k| json!({"table": k.table, "key": k.key}))
             .collect();
-        let answer = self
-            .post("/v1/documents:get", &json!({ "keys": keys }))
-            .await?;
+        let body = json!({ "keys": keys, "with_embeddings": with_embeddings });
+        let answer = self.post("/v1/documents:get", &body).await?;
         Ok(answer["documents"].as_array().cloned().unwrap_or_default())
     }
 }
@@ -146,7 +149,7 @@ impl Sink for LlamaIndexSink {
             return Ok(HashMap::new());
         }
         let mut states = HashMap::new();
-        for doc in self.get_documents(keys).await? {
+        for doc in self.get_documents(keys, false).await? {
             let Some(first) = doc["chunks"].as_array().and_then(|c| c.first()) else {
                 continue;
             };
@@ -176,7 +179,8 @@ impl Sink for LlamaIndexSink {
         }
         // The service replaces whole documents, so group points by key; surplus chunks
         // (`delete_points`) vanish with the replacement. Payload-only updates resend the
-        // stored chunks with their new metadata, keeping the stored text and vectors.
+        // stored chunks (read with their vectors) with their new metadata: nothing is
+        // re-embedded.
         let mut documents: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
         for point in &write.upserts {
             let (table, key) = cdc_key(&point.payload)?;
@@ -204,7 +208,7 @@ impl Sink for LlamaIndexSink {
                     key: k.clone(),
                 })
                 .collect();
-            for doc in self.get_documents(&keys).await? {
+            for doc in self.get_documents(&keys, true).await? {
                 let id = (
                     doc["table"].as_str().unwrap_or_default().to_string(),
                     doc["key"].as_str().unwrap_or_default().to_string(),
@@ -260,7 +264,7 @@ impl Sink for LlamaIndexSink {
     }
 
     async fn fetch(&self, key: &DocumentKey) -> Result<Vec<StoredPoint>, StageError> {
-        let docs = self.get_documents(std::slice::from_ref(key)).await?;
+        let docs = self.get_documents(std::slice::from_ref(key), false).await?;
         let mut points: Vec<StoredPoint> = docs
             .iter()
             .flat_map(|d| d["chunks"].as_array().cloned().unwrap_or_default())

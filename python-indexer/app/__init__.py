@@ -1,0 +1,1 @@
+"""python-indexer: a LlamaIndex + Qdrant document index service for cdc-indexer."""

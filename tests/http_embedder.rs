@@ -1,0 +1,192 @@
+//! The `http` embedding provider against the python-indexer's real OpenAI-compatible
+//! `/v1/embeddings`, and its 429 handling against a local server that rate-limits.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cdc_indexer::config::{EmbeddingConfig, EmbeddingProvider};
+use cdc_indexer::embed::Embedder;
+use cdc_indexer::embed::http::HttpEmbedder;
+use cdc_indexer::error::ErrorKind;
+use common::*;
+
+fn http_config(url: &str) -> EmbeddingConfig {
+    EmbeddingConfig {
+        provider: EmbeddingProvider::Http,
+        url: url.to_string(),
+        batch_size: 4,
+        ..EmbeddingConfig::default()
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_provider_matches_the_local_model_and_isolates_a_rejected_input() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let service = PythonIndexer::start(dir.path());
+    let http = HttpEmbedder::new(&http_config(&format!("{}/v1", service.url))).expect("embedder");
+    let texts: Vec<String> = [
+        "a red bicycle",
+        "a crimson bike",
+        "tax law for small companies",
+        "winter hiking boots",
+        "espresso",
+        "a tent",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Six texts in requests of four: order must survive the split.
+    let remote = http.embed(texts.clone()).await.expect("embed");
+    assert_eq!(remote.len(), 6);
+    let local = cdc_indexer::embed::from_config(&EmbeddingConfig {
+        model_dir: format!("{REPO}/.models/all-minilm-l6-v2").into(),
+        onnxruntime_lib: format!("{REPO}/.models/onnxruntime/libonnxruntime.so").into(),
+        ..EmbeddingConfig::default()
+    })
+    .await
+    .expect("local");
+    let local = local.embed(texts.clone()).await.expect("local embed");
+    for (i, (r, l)) in remote.iter().zip(&local).enumerate() {
+        let c = cosine(r, l);
+        assert!(
+            c > 0.98,
+            "text {i}: the service and the daemon disagree (cos {c})"
+        );
+    }
+    assert!(cosine(&remote[0], &remote[1]) > cosine(&remote[0], &remote[2]));
+
+    // The service rejects an empty input: bisection finds it, index 4 of 6.
+    let mut bad = texts.clone();
+    bad[4] = String::new();
+    let err = http.embed(bad).await.expect_err("rejected");
+    assert_eq!(err.kind, ErrorKind::Poison, "{err}");
+    assert_eq!(err.item, Some(4), "{err}");
+
+    // Wrong model dimensions are a fatal configuration error.
+    let wrong = HttpEmbedder::new(&EmbeddingConfig {
+        dimensions: 768,
+        ..http_config(&format!("{}/v1", service.url))
+    })
+    .expect("embedder");
+    assert_eq!(
+        wrong.embed(vec!["x".into()]).await.expect_err("size").kind,
+        ErrorKind::Fatal
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_with_the_http_provider_dead_letters_only_the_rejected_event() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let service = PythonIndexer::start(dir.path());
+    let extra = format!(
+        "[embedding]\nprovider = \"http\"\nurl = \"{}/v1\"\n",
+        service.url
+    );
+    let w = World::new(
+        "http-embed",
+        "[[tables]]\ntable = \"public.products\"\nid_columns = [\"id\"]\ntext = \"{name}\"\n",
+        "",
+    );
+    // The World's [embedding] section holds the model paths: switch the provider there.
+    let text = std::fs::read_to_string(&w.config_path)
+        .expect("config")
+        .replace("[embedding]\n", &extra);
+    std::fs::write(&w.config_path, text).expect("config");
+    w.declare().await;
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    for (id, name) in [(1, "a red bicycle"), (2, ""), (3, "a tent")] {
+        let body = serde_json::json!({"op": "c", "after": {"id": id, "name": name}, "source": {"name": "dbserver1", "schema": "public", "table": "products", "lsn": id}});
+        w.publish(
+            &ch,
+            "dbserver1.public.products",
+            body.to_string().as_bytes(),
+        )
+        .await;
+    }
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    d.wait_processed(3.0, Duration::from_secs(60));
+    assert!(d.sigterm().success());
+    let dead = w.drain_dlq().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].1["x-cdc-error-kind"], "embed");
+    assert!(
+        dead[0].2.windows(7).any(|w| w == b"\"id\":2,"),
+        "the empty-text event: {}",
+        String::from_utf8_lossy(&dead[0].2)
+    );
+    let index = w.index().await;
+    assert_eq!(index.count(None).await, 2);
+    w.cleanup().await;
+}
+
+/// A server that answers 429 with `Retry-After: 1` to the first request, then proxies to a
+/// real python-indexer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_are_waited_out_as_retry_after_says() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let service = PythonIndexer::start(dir.path());
+    let upstream = format!("{}/v1/embeddings", service.url);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let calls = calls.clone();
+        axum::Router::new().route(
+            "/v1/embeddings",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let calls = calls.clone();
+                let upstream = upstream.clone();
+                async move {
+                    if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return axum::response::Response::builder()
+                            .status(429)
+                            .header("Retry-After", "1")
+                            .body(axum::body::Body::from("slow down"))
+                            .expect("response");
+                    }
+                    let answer = reqwest::Client::new()
+                        .post(upstream)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .expect("upstream");
+                    let bytes = answer.bytes().await.expect("body");
+                    axum::response::Response::builder()
+                        .status(200)
+                        .header("content-type", "application/json")
+                        .body(axum::body::Body::from(bytes))
+                        .expect("response")
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = HttpEmbedder::new(&http_config(&format!("http://{addr}/v1"))).expect("embedder");
+    let started = Instant::now();
+    let vectors = http
+        .embed(vec!["a tent".into()])
+        .await
+        .expect("embedded after the wait");
+    let waited = started.elapsed();
+    assert_eq!(vectors.len(), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(
+        waited >= Duration::from_millis(950),
+        "Retry-After honoured: {waited:?}"
+    );
+}
