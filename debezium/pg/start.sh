@@ -48,6 +48,12 @@ max_slot_wal_keep_size = 1GB
 CONF
   fi
   if (exec 3<>"/dev/tcp/$PGHOST_CDC/$PGPORT_CDC") 2>/dev/null; then
+    # Another cluster (e.g. of another checkout) already serves this port: use it if it is a
+    # logical-decoding PostgreSQL that accepts our credentials.
+    if [ "$(cdc_psql -At -c 'SHOW wal_level' 2>/dev/null)" = logical ]; then
+      pg_log "port $PGPORT_CDC already serves a logical-decoding cluster (not $PGDATA_CDC); using it"
+      exit 0
+    fi
     pg_die "port $PGPORT_CDC is already in use by another process (set PGPORT_CDC)"
   fi
   pg_log "starting on $PGHOST_CDC:$PGPORT_CDC (data $PGDATA_CDC, log $PGDATA_CDC/server.log)"
