@@ -41,7 +41,7 @@ cat <<MSG
 
 Try, in another shell:
   $BIN search "warm jacket for winter hiking"
-  psql -h 127.0.0.1 -p 54329 -U postgres -c "UPDATE products SET description = 'A tent for four people' WHERE id = 1"
+  debezium/pg/psql.sh -c "UPDATE products SET description = 'A tent for four people' WHERE id = 1"
   $BIN search "tent for four people" --limit 3
   $BIN dlq stats
 
