@@ -12,6 +12,7 @@ pub mod decode;
 pub mod dlq;
 pub mod embed;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod mapping;
 pub mod metrics;

@@ -23,6 +23,7 @@ use crate::broker::{self, amqp_error, topology};
 use crate::config::Config;
 use crate::embed::Embedder;
 use crate::error::{ErrorKind, StageError};
+use crate::events::{BrokerSessionLost, InternalEvent, Recovered, RetryScheduled};
 use crate::mapping::CompiledRule;
 use crate::metrics::Metrics;
 use crate::sink::Sink;
@@ -72,10 +73,10 @@ impl Pipeline {
                     if self.cancel.is_cancelled() {
                         return Ok(());
                     }
-                    self.metrics.retries.with_label_values(&["broker"]).inc();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker session lost; reconnecting");
+                    let wait = jitter(delay);
+                    BrokerSessionLost { error: &e, wait }.emit(&self.metrics);
                     tokio::select! {
-                        _ = tokio::time::sleep(jitter(delay)) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = self.cancel.cancelled() => return Ok(()),
                     }
                     delay = (delay * 2).min(max_delay);
@@ -207,33 +208,18 @@ impl Pipeline {
             .sleep(tokio::time::sleep)
             .when(|e: &StageError| e.kind == ErrorKind::Transient)
             .notify(|e: &StageError, wait: Duration| {
-                metrics.retries.with_label_values(&[stage]).inc();
-                if !metrics.health.paused.load(std::sync::atomic::Ordering::Relaxed) {
-                    tracing::warn!(stage, error = %e, "transient failure; intake paused until it recovers");
+                RetryScheduled {
+                    stage,
+                    error: e,
+                    wait,
                 }
-                metrics.set_paused(true);
-                if stage == "sink" {
-                    metrics.health.sink_ok.store(false, std::sync::atomic::Ordering::Relaxed);
-                }
-                tracing::debug!(stage, retry_in_ms = wait.as_millis() as u64, "retrying");
+                .emit(metrics)
             });
         // On shutdown the retries go on: the caller bounds them by the shutdown deadline, so a
         // sink that recovers within it still gets the open batch written and acked.
         let result = attempt.await;
-        if result.is_ok()
-            && metrics
-                .health
-                .paused
-                .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            tracing::info!(stage, "recovered; intake resumed");
-            metrics.set_paused(false);
-        }
-        if result.is_ok() && stage == "sink" {
-            metrics
-                .health
-                .sink_ok
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+        if result.is_ok() {
+            Recovered { stage }.emit(metrics);
         }
         result
     }

@@ -18,6 +18,10 @@ use crate::broker::dead_letter::DeadLetter;
 use crate::config::UnknownTable;
 use crate::decode::{Decoded, decode};
 use crate::error::{ErrorKind, StageError};
+use crate::events::{
+    BatchWritten, DeadLettered, EventProcessed, EventReceived, EventsSkipped, InternalEvent,
+    TextsEmbedded,
+};
 use crate::mapping::CompiledRule;
 use crate::model::{Change, ChangeEvent, TableName};
 use crate::sink::Write;
@@ -46,10 +50,11 @@ pub(super) async fn process(
 
     for (i, d) in deliveries.iter().enumerate() {
         let (fate, result) = admit(p, i, d, &mut coalesced);
-        p.metrics
-            .events_received
-            .with_label_values(&[&fate.table, fate.op])
-            .inc();
+        EventReceived {
+            table: &fate.table,
+            op: fate.op,
+        }
+        .emit(&p.metrics);
         fates.push(fate);
         if let Err(letter) = result {
             dead.insert(i, letter);
@@ -80,14 +85,17 @@ pub(super) async fn process(
         }
         for (_, origin) in &outcome.stale {
             fates[*origin].outcome = "skipped_stale";
-            p.metrics.skipped.with_label_values(&["stale"]).inc();
         }
-        if outcome.unchanged > 0 {
-            p.metrics
-                .skipped
-                .with_label_values(&["unchanged"])
-                .inc_by(outcome.unchanged as u64);
+        EventsSkipped {
+            reason: "stale",
+            count: outcome.stale.len(),
         }
+        .emit(&p.metrics);
+        EventsSkipped {
+            reason: "unchanged",
+            count: outcome.unchanged,
+        }
+        .emit(&p.metrics);
         let plan = outcome.plan;
         if plan.is_empty() {
             break;
@@ -116,20 +124,20 @@ pub(super) async fn process(
             }
             Err(e) => return Err(e),
         };
-        if !texts.is_empty() {
-            p.metrics
-                .embed_seconds
-                .observe(started.elapsed().as_secs_f64());
-            p.metrics.texts_embedded.inc_by(texts.len() as u64);
+        TextsEmbedded {
+            texts: texts.len(),
+            took: started.elapsed(),
         }
+        .emit(&p.metrics);
         let write = Write::from_plan(plan, vectors);
         let started = std::time::Instant::now();
         match p.retry("sink", || p.sink.write(&write)).await {
             Ok(()) => {
-                p.metrics
-                    .write_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                p.metrics.points_written.inc_by(write.upserts.len() as u64);
+                BatchWritten {
+                    points: write.upserts.len(),
+                    took: started.elapsed(),
+                }
+                .emit(&p.metrics);
                 break;
             }
             Err(e) if e.kind == ErrorKind::Poison => {
@@ -166,14 +174,13 @@ pub(super) async fn process(
             )
             .await?;
         fates[i].outcome = "dead_lettered";
-        p.metrics
-            .dead_lettered
-            .with_label_values(&[&fates[i].table, letter.kind])
-            .inc();
-        tracing::warn!(
-            table = %fates[i].table, kind = letter.kind, reason = %letter.reason,
-            routing_key = %d.routing_key, "dead-lettered"
-        );
+        DeadLettered {
+            table: &fates[i].table,
+            kind: letter.kind,
+            reason: &letter.reason,
+            routing_key: d.routing_key.as_str(),
+        }
+        .emit(&p.metrics);
     }
 
     session
@@ -184,15 +191,14 @@ pub(super) async fn process(
 
     let now_ms = chrono::Utc::now().timestamp_millis();
     for fate in &fates {
-        p.metrics
-            .events_processed
-            .with_label_values(&[&fate.table, fate.op, fate.outcome])
-            .inc();
-        if let Some(ts) = fate.source_ts_ms {
-            let lag = (now_ms - ts).max(0) as f64 / 1000.0;
-            p.metrics.lag_seconds.observe(lag);
-            p.metrics.last_lag_seconds.set(lag);
+        EventProcessed {
+            table: &fate.table,
+            op: fate.op,
+            outcome: fate.outcome,
+            source_ts_ms: fate.source_ts_ms,
+            acked_at_ms: now_ms,
         }
+        .emit(&p.metrics);
     }
     tracing::debug!(
         events = deliveries.len(),

@@ -1,0 +1,179 @@
+//! Internal events: each observable thing the daemon does is one small struct that emits
+//! its log line and its metrics together. Business code says `BatchWritten { .. }.emit(m)`;
+//! it does not sprinkle counters and log calls.
+
+use std::time::Duration;
+
+use crate::metrics::Metrics;
+
+/// Something that happened, with everything needed to log and count it.
+pub trait InternalEvent {
+    fn emit(self, metrics: &Metrics);
+}
+
+/// A message was taken from the queue.
+pub struct EventReceived<'a> {
+    pub table: &'a str,
+    pub op: &'a str,
+}
+
+impl InternalEvent for EventReceived<'_> {
+    fn emit(self, m: &Metrics) {
+        m.events_received
+            .with_label_values(&[self.table, self.op])
+            .inc();
+    }
+}
+
+/// A batch's texts were embedded.
+pub struct TextsEmbedded {
+    pub texts: usize,
+    pub took: Duration,
+}
+
+impl InternalEvent for TextsEmbedded {
+    fn emit(self, m: &Metrics) {
+        if self.texts > 0 {
+            m.embed_seconds.observe(self.took.as_secs_f64());
+            m.texts_embedded.inc_by(self.texts as u64);
+        }
+    }
+}
+
+/// A batch's writes are durable in the index.
+pub struct BatchWritten {
+    pub points: usize,
+    pub took: Duration,
+}
+
+impl InternalEvent for BatchWritten {
+    fn emit(self, m: &Metrics) {
+        m.write_seconds.observe(self.took.as_secs_f64());
+        m.points_written.inc_by(self.points as u64);
+        tracing::debug!(
+            points = self.points,
+            took_ms = self.took.as_millis() as u64,
+            "batch written"
+        );
+    }
+}
+
+/// Events that wrote nothing new.
+pub struct EventsSkipped {
+    /// `stale` or `unchanged`.
+    pub reason: &'static str,
+    pub count: usize,
+}
+
+impl InternalEvent for EventsSkipped {
+    fn emit(self, m: &Metrics) {
+        if self.count > 0 {
+            m.skipped
+                .with_label_values(&[self.reason])
+                .inc_by(self.count as u64);
+        }
+    }
+}
+
+/// A message went to the DLQ (after the broker confirmed it).
+pub struct DeadLettered<'a> {
+    pub table: &'a str,
+    pub kind: &'a str,
+    pub reason: &'a str,
+    pub routing_key: &'a str,
+}
+
+impl InternalEvent for DeadLettered<'_> {
+    fn emit(self, m: &Metrics) {
+        m.dead_lettered
+            .with_label_values(&[self.table, self.kind])
+            .inc();
+        tracing::warn!(
+            table = self.table,
+            kind = self.kind,
+            reason = self.reason,
+            routing_key = self.routing_key,
+            "dead-lettered"
+        );
+    }
+}
+
+/// A message was handled and acked.
+pub struct EventProcessed<'a> {
+    pub table: &'a str,
+    pub op: &'a str,
+    pub outcome: &'a str,
+    /// `source.ts_ms`, for the lag.
+    pub source_ts_ms: Option<i64>,
+    pub acked_at_ms: i64,
+}
+
+impl InternalEvent for EventProcessed<'_> {
+    fn emit(self, m: &Metrics) {
+        m.events_processed
+            .with_label_values(&[self.table, self.op, self.outcome])
+            .inc();
+        if let Some(ts) = self.source_ts_ms {
+            let lag = (self.acked_at_ms - ts).max(0) as f64 / 1000.0;
+            m.lag_seconds.observe(lag);
+            m.last_lag_seconds.set(lag);
+        }
+    }
+}
+
+/// A transient failure: intake pauses until the stage recovers.
+pub struct RetryScheduled<'a> {
+    pub stage: &'static str,
+    pub error: &'a dyn std::fmt::Display,
+    pub wait: Duration,
+}
+
+impl InternalEvent for RetryScheduled<'_> {
+    fn emit(self, m: &Metrics) {
+        use std::sync::atomic::Ordering::Relaxed;
+        m.retries.with_label_values(&[self.stage]).inc();
+        if !m.health.paused.load(Relaxed) {
+            tracing::warn!(stage = self.stage, error = %self.error, "transient failure; intake paused until it recovers");
+        }
+        tracing::debug!(
+            stage = self.stage,
+            retry_in_ms = self.wait.as_millis() as u64,
+            "retrying"
+        );
+        m.set_paused(true);
+        if self.stage == "sink" {
+            m.health.sink_ok.store(false, Relaxed);
+        }
+    }
+}
+
+/// A stage works again after transient failures.
+pub struct Recovered {
+    pub stage: &'static str,
+}
+
+impl InternalEvent for Recovered {
+    fn emit(self, m: &Metrics) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if m.health.paused.load(Relaxed) {
+            tracing::info!(stage = self.stage, "recovered; intake resumed");
+            m.set_paused(false);
+        }
+        if self.stage == "sink" {
+            m.health.sink_ok.store(true, Relaxed);
+        }
+    }
+}
+
+/// The broker session broke; we reconnect after `wait`.
+pub struct BrokerSessionLost<'a> {
+    pub error: &'a dyn std::fmt::Display,
+    pub wait: Duration,
+}
+
+impl InternalEvent for BrokerSessionLost<'_> {
+    fn emit(self, m: &Metrics) {
+        m.retries.with_label_values(&["broker"]).inc();
+        tracing::warn!(error = %self.error, retry_in_ms = self.wait.as_millis() as u64, "broker session lost; reconnecting");
+    }
+}
