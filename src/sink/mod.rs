@@ -11,6 +11,7 @@
 
 pub mod embedded;
 pub mod llamaindex;
+pub mod qdrant;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -140,11 +141,7 @@ pub async fn from_config(config: &Config) -> Result<Arc<dyn Sink>, StageError> {
     Ok(match config.sink.kind {
         SinkKind::Embedded => Arc::new(embedded::EmbeddedSink::open(&config.sink.path)?),
         SinkKind::Llamaindex => Arc::new(llamaindex::LlamaIndexSink::new(&config.sink)?),
-        other => {
-            return Err(StageError::fatal(format!(
-                "sink.kind = {other:?} is not available in this build"
-            )));
-        }
+        SinkKind::Qdrant => Arc::new(qdrant::QdrantSink::connect(&config.sink)?),
     })
 }
 
