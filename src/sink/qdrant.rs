@@ -1,67 +1,121 @@
-//! The `qdrant` sink: a Qdrant server or cluster over gRPC (`qdrant-client`).
+//! The `qdrant` sink: a Qdrant server or cluster over gRPC (`qdrant-client`, port 6334).
 //!
-//! Every write passes `wait=true`: Qdrant answers only once the operation is applied (and
-//! in its WAL), so `Ok` means durable and the pipeline may ack. The client keeps one
-//! HTTP/2 connection pool for all calls. TLS is used for `https://` URLs; the API key comes
-//! from an env var or a file and is never logged.
+//! Same data model and semantics as [`super::embedded`]: one collection, named dense vector
+//! `text` (cosine), one point per chunk with a deterministic UUID, a `_cdc` payload object,
+//! keyword payload indexes on `_cdc.table` and `_cdc.key`, and vector-less delete markers that
+//! `fetch` and `count` leave out.
 //!
-//! Errors are classified in [`classify`]: unavailable, deadline, resource exhausted and the
-//! like are transient (the pipeline retries and pauses); invalid argument is poison (the
-//! pipeline isolates the offending op by writing op by op); auth failures are fatal.
+//! **Durability.** Every write passes `wait=true`, and every reply must report `Completed`:
+//! Qdrant has then written the operation to its WAL and applied it, so `Ok` means durable and
+//! the pipeline may ack. Any other status (say `WaitTimeout`) is a transient error and the
+//! batch is retried, which is safe because every operation we send is idempotent.
+//!
+//! **Round trips.** A batch costs a few calls, not one per document: the removals (truncates,
+//! key deletes, delete markers, surplus chunks) go as ordered `update_batch` requests, upserts
+//! in requests of at most [`MAX_POINTS`] points or about [`MAX_BYTES`], payload updates as
+//! ordered `update_batch` requests again. Qdrant applies a batch's operations one after the
+//! other and stops at the first failure; a retry repeats them all, harmlessly.
+//!
+//! **Errors** become pipeline decisions in one place, [`classify`]: the server unreachable,
+//! overloaded, timing out or failing internally is transient (retry, keep order, pause
+//! intake); invalid input is poison (the pipeline finds the culprit by writing document by
+//! document, or directly when a one-point upsert is refused); refused credentials, a deleted
+//! collection or a server without the API are fatal.
+//!
+//! **Payloads** use `qdrant-client`'s serde conversion: integers travel as `i64` and floats as
+//! `f64`, both exact. Only an integer above `i64::MAX` (which Debezium does not produce for
+//! PostgreSQL) would come back as a float, and object keys come back in another order
+//! (protobuf maps).
+//!
+//! The client connects on its first call, so [`QdrantSink::connect`] fails only on
+//! configuration. The compatibility check is skipped: it blocks and prints to stdout.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use qdrant_client::qdrant::{
     Condition, CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder,
-    DeletePointsBuilder, Distance, FieldType, Filter, GetPointsBuilder, NamedVectors, PointId,
-    PointStruct, PointsIdsList, QueryPointsBuilder, ScrollPointsBuilder, SetPayloadPointsBuilder,
-    UpsertPointsBuilder, VectorParamsBuilder, VectorsConfigBuilder, point_id::PointIdOptions,
-    vectors_config,
+    Distance, FieldType, Filter, GetPointsBuilder, NamedVectors, PointId, PointStruct,
+    PointsSelector, PointsUpdateOperation, QueryPointsBuilder, ScrollPointsBuilder,
+    UpdateBatchPointsBuilder, UpdateResult, UpdateStatus, UpsertPointsBuilder, VectorParamsBuilder,
+    VectorsConfigBuilder, point_id::PointIdOptions, points_update_operation, vectors_config,
 };
 use qdrant_client::{Payload, Qdrant, QdrantError};
+use serde_json::Value;
 
 use super::{Hit, Sink, StoredPoint, VECTOR_NAME, Write, sort_by_chunk};
 use crate::batch::{StoredState, stored_state};
 use crate::config::{SinkConfig, read_secret, redact_url};
-use crate::error::StageError;
+use crate::error::{ErrorKind, StageError};
 use crate::model::{DocumentKey, Row};
+
+/// Most points in one upsert request.
+const MAX_POINTS: usize = 256;
+/// Most operations in one `update_batch` request.
+const MAX_OPS: usize = 512;
+/// Rough upper bound of one write request's size: big payloads (a long row repeated in each
+/// of its chunks) make for smaller requests, each well within the timeout.
+const MAX_BYTES: usize = 8 << 20;
+/// Connection establishment gives up after this (or the request timeout, if shorter).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The payload fields with a keyword index: every filter we send uses them.
+const INDEXED_FIELDS: [&str; 2] = ["_cdc.table", "_cdc.key"];
 
 pub struct QdrantSink {
     client: Qdrant,
     collection: String,
+    /// The URL as logged (credentials redacted).
     url: String,
 }
 
-/// Points per upsert request.
-const UPSERT_CHUNK: usize = 256;
-
 impl QdrantSink {
+    /// Builds the client. No connection is made; every error here is a fatal configuration
+    /// error. The API key is never logged.
     pub fn connect(config: &SinkConfig) -> Result<QdrantSink, StageError> {
+        let url = redact_url(&config.url);
+        let uri: tonic::transport::Uri = config
+            .url
+            .parse()
+            .map_err(|e| StageError::fatal(format!("sink.url: `{url}` is not a URL: {e}")))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(StageError::fatal(format!(
+                    "sink.url: `{url}`: the Qdrant gRPC URL must start with http:// or https:// (TLS), e.g. http://127.0.0.1:6334"
+                )));
+            }
+        };
+        if uri.port_u16() == Some(6333) {
+            tracing::warn!(url = %url, "sink.url names port 6333, Qdrant's REST port; the qdrant sink speaks gRPC (port 6334 by default)");
+        }
         let api_key = read_secret(config.api_key_file.as_deref(), &config.api_key_env)
             .map_err(StageError::fatal)?;
-        let mut builder = Qdrant::from_url(&config.url)
-            .timeout(Duration::from_millis(config.timeout_ms))
-            .connect_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle()
-            .skip_compatibility_check();
-        if let Some(key) = api_key {
-            builder = builder.api_key(key);
+        let loopback = matches!(
+            uri.host(),
+            Some("localhost" | "127.0.0.1" | "[::1]" | "::1")
+        );
+        if api_key.is_some() && !tls && !loopback {
+            tracing::warn!(url = %url, "the Qdrant API key travels unencrypted over http://; use https://");
         }
-        let client = builder.build().map_err(|e| {
-            StageError::fatal(format!(
-                "sink.url: cannot use Qdrant URL {}: {e}",
-                redact_url(&config.url)
-            ))
-        })?;
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let client = Qdrant::from_url(&config.url)
+            .timeout(timeout)
+            .connect_timeout(timeout.min(CONNECT_TIMEOUT))
+            .api_key(api_key)
+            .skip_compatibility_check()
+            .build()
+            .map_err(|e| StageError::fatal(format!("sink.url: cannot use `{url}`: {e}")))?;
         Ok(QdrantSink {
             client,
             collection: config.collection.clone(),
-            url: redact_url(&config.url),
+            url,
         })
     }
 
+    /// A classified error, with where and what.
     fn err(&self, what: &str, e: QdrantError) -> StageError {
         let mut err = classify(&e);
         err.message = format!(
@@ -70,45 +124,262 @@ impl QdrantSink {
         );
         err
     }
+
+    /// A write reply that does not say `Completed` was not confirmed as applied.
+    fn completed(&self, what: &str, result: Option<&UpdateResult>) -> Result<(), StageError> {
+        let status = result.map(|r| UpdateStatus::try_from(r.status));
+        if let Some(Ok(UpdateStatus::Completed)) = status {
+            return Ok(());
+        }
+        Err(StageError::transient(format!(
+            "Qdrant at {} ({what} on `{}`): the write was not confirmed as applied (status {}); retrying",
+            self.url,
+            self.collection,
+            match status {
+                Some(Ok(s)) => s.as_str_name().to_string(),
+                Some(Err(_)) => format!("code {}", result.map_or(0, |r| r.status)),
+                None => "missing".to_string(),
+            }
+        )))
+    }
+
+    /// Sends `ops` in order, as few `update_batch` requests as the limits allow.
+    async fn update_batch(
+        &self,
+        what: &str,
+        ops: Vec<(PointsUpdateOperation, usize)>,
+    ) -> Result<(), StageError> {
+        let sizes: Vec<usize> = ops.iter().map(|(_, size)| *size).collect();
+        let mut ops = ops.into_iter().map(|(op, _)| op);
+        for group in groups(&sizes, MAX_OPS, MAX_BYTES) {
+            let chunk: Vec<PointsUpdateOperation> = ops.by_ref().take(group.len()).collect();
+            let response = self
+                .client
+                .update_points_batch(
+                    UpdateBatchPointsBuilder::new(&self.collection, chunk).wait(true),
+                )
+                .await
+                .map_err(|e| self.err(what, e))?;
+            if response.result.len() != group.len() {
+                return Err(StageError::transient(format!(
+                    "Qdrant at {} ({what} on `{}`): {} results for {} operations; retrying",
+                    self.url,
+                    self.collection,
+                    response.result.len(),
+                    group.len()
+                )));
+            }
+            for result in &response.result {
+                self.completed(what, Some(result))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn prepare_collection(&self, vector_size: usize) -> Result<(), StageError> {
+        let exists = self
+            .client
+            .collection_exists(&self.collection)
+            .await
+            .map_err(|e| self.err("collection_exists", e))?;
+        if !exists {
+            let mut vectors = VectorsConfigBuilder::default();
+            vectors.add_named_vector_params(
+                VECTOR_NAME,
+                VectorParamsBuilder::new(vector_size as u64, Distance::Cosine),
+            );
+            let created = self
+                .client
+                .create_collection(
+                    CreateCollectionBuilder::new(&self.collection).vectors_config(vectors),
+                )
+                .await;
+            match created {
+                Ok(_) => {
+                    tracing::info!(collection = %self.collection, vector_size, "created the Qdrant collection")
+                }
+                // Another instance may have created it meanwhile: then check what it made.
+                Err(e) => {
+                    let now = self.client.collection_exists(&self.collection).await;
+                    if !matches!(now, Ok(true)) {
+                        return Err(self.err("create_collection", e));
+                    }
+                }
+            }
+        }
+        let info = self
+            .client
+            .collection_info(&self.collection)
+            .await
+            .map_err(|e| self.err("collection_info", e))?
+            .result
+            .ok_or_else(|| {
+                StageError::transient(format!(
+                    "Qdrant at {}: no information on collection `{}`",
+                    self.url, self.collection
+                ))
+            })?;
+        let vectors = info
+            .config
+            .as_ref()
+            .and_then(|c| c.params.as_ref())
+            .and_then(|p| p.vectors_config.as_ref())
+            .and_then(|v| v.config.as_ref());
+        check_vector(&self.collection, vectors, vector_size)?;
+        // Also after a crash between creating the collection and its indexes.
+        for field in INDEXED_FIELDS {
+            if info.payload_schema.contains_key(field) {
+                continue;
+            }
+            self.client
+                .create_field_index(
+                    CreateFieldIndexCollectionBuilder::new(
+                        &self.collection,
+                        field,
+                        FieldType::Keyword,
+                    )
+                    .wait(true),
+                )
+                .await
+                .map_err(|e| self.err("create_field_index", e))?;
+            tracing::info!(collection = %self.collection, field, "created a keyword payload index");
+        }
+        Ok(())
+    }
 }
 
 /// The one place Qdrant errors become pipeline decisions.
+///
+/// Qdrant maps its errors to gRPC codes (`StorageError` → `tonic::Status`): bad input and
+/// strict-mode violations are `InvalidArgument`, a missing collection or point `NotFound`, a
+/// write lock or a shard not ready `FailedPrecondition`, internal failures (disk full
+/// included) `Internal`, rate limits `ResourceExhausted`, timeouts `DeadlineExceeded`. The
+/// client reports a failed connection as `Internal` and its own timeout as `Cancelled`.
 pub fn classify(e: &QdrantError) -> StageError {
     use tonic::Code;
-    match e {
-        QdrantError::ResponseError { status } => {
-            let message = format!("{:?}: {}", status.code(), status.message());
-            match status.code() {
-                Code::Unavailable
-                | Code::DeadlineExceeded
-                | Code::ResourceExhausted
-                | Code::Aborted
-                | Code::Internal
-                | Code::Unknown
-                | Code::Cancelled => StageError::transient(message),
-                Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-                    StageError::poison(message)
-                }
-                Code::Unauthenticated | Code::PermissionDenied => {
-                    StageError::fatal(format!("credentials refused: {message}"))
-                }
-                Code::NotFound => {
-                    StageError::fatal(format!("not found (collection deleted?): {message}"))
-                }
-                _ => StageError::transient(message),
-            }
-        }
+    let status = match e {
+        QdrantError::ResponseError { status } => status,
         QdrantError::ResourceExhaustedError {
             status,
             retry_after_seconds,
-        } => StageError::transient(format!(
-            "rate limited for {retry_after_seconds} s: {}",
-            status.message()
+        } => {
+            return StageError::transient(format!(
+                "rate limited, retry after {retry_after_seconds} s: {}",
+                status.message()
+            ));
+        }
+        QdrantError::ConversionError(m) => return StageError::poison(format!("conversion: {m}")),
+        QdrantError::InvalidUri(e) => return StageError::fatal(format!("invalid URL: {e}")),
+        other => return StageError::transient(other.to_string()),
+    };
+    let message = format!("{:?}: {}", status.code(), status.message());
+    match status.code() {
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Internal
+        | Code::Unknown
+        | Code::Cancelled
+        | Code::DataLoss
+        | Code::Ok => StageError::transient(message),
+        // "Storage locked" (an operator's write lock) or "Pre-condition failure" (a shard
+        // not in a state to take the write): the cluster's state, not the message, is at
+        // fault, and dead-lettering would lose the change from the index.
+        Code::FailedPrecondition => StageError::transient(message),
+        // `item` stays `None`: the pipeline isolates the culprit by writing op by op.
+        Code::InvalidArgument | Code::OutOfRange | Code::AlreadyExists => {
+            StageError::poison(message)
+        }
+        // A payload update of a point that is gone concerns that document only.
+        Code::NotFound if status.message().contains("No point with id") => {
+            StageError::poison(message)
+        }
+        Code::NotFound => StageError::fatal(format!(
+            "not found (was the collection deleted? restart to re-create it): {message}"
         )),
-        QdrantError::ConversionError(m) => StageError::poison(format!("conversion: {m}")),
-        QdrantError::InvalidUri(e) => StageError::fatal(format!("invalid URI: {e}")),
-        other => StageError::transient(other.to_string()),
+        Code::Unauthenticated | Code::PermissionDenied => StageError::fatal(format!(
+            "credentials refused (check the API key in sink.api_key_env / sink.api_key_file): {message}"
+        )),
+        Code::Unimplemented => StageError::fatal(format!(
+            "the server does not offer this API (Qdrant too old?): {message}"
+        )),
     }
+}
+
+/// The collection's `text` vector must have the model's size and cosine distance.
+fn check_vector(
+    collection: &str,
+    vectors: Option<&vectors_config::Config>,
+    vector_size: usize,
+) -> Result<(), StageError> {
+    let describe = |size: u64, distance: i32| {
+        let distance = Distance::try_from(distance).map_or_else(
+            |_| format!("code {distance}"),
+            |d| d.as_str_name().to_string(),
+        );
+        format!("size {size}, distance {distance}")
+    };
+    let found = match vectors {
+        Some(vectors_config::Config::ParamsMap(map)) => match map.map.get(VECTOR_NAME) {
+            Some(p) if p.size == vector_size as u64 && p.distance == Distance::Cosine as i32 => {
+                return Ok(());
+            }
+            Some(p) => describe(p.size, p.distance),
+            None => {
+                let mut names: Vec<&str> = map.map.keys().map(String::as_str).collect();
+                names.sort_unstable();
+                format!("missing (named vectors: {})", names.join(", "))
+            }
+        },
+        Some(vectors_config::Config::Params(p)) => format!(
+            "missing (one unnamed vector, {})",
+            describe(p.size, p.distance)
+        ),
+        None => "missing (no dense vectors)".to_string(),
+    };
+    Err(StageError::fatal(format!(
+        "Qdrant collection `{collection}` has vector `{VECTOR_NAME}` = {found}, but the model needs size {vector_size}, distance Cosine; \
+         set another sink.collection or delete this one to re-index"
+    )))
+}
+
+/// Splits items of the given estimated sizes into consecutive ranges of at most `max_items`
+/// items and `max_bytes` bytes (a larger item goes alone).
+fn groups(sizes: &[usize], max_items: usize, max_bytes: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, &size) in sizes.iter().enumerate() {
+        if i > start && (i - start == max_items || bytes + size > max_bytes) {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
+/// Roughly the encoded size of a JSON value.
+fn approx_size(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 2,
+        Value::Number(_) => 10,
+        Value::String(s) => s.len() + 4,
+        Value::Array(items) => 4 + items.iter().map(approx_size).sum::<usize>(),
+        Value::Object(map) => {
+            4 + map
+                .iter()
+                .map(|(k, v)| k.len() + 4 + approx_size(v))
+                .sum::<usize>()
+        }
+    }
+}
+
+fn row_size(row: &Row) -> usize {
+    row.iter().map(|(k, v)| k.len() + 4 + approx_size(v)).sum()
 }
 
 fn keyword(field: &str, value: &str) -> Condition {
@@ -126,7 +397,7 @@ fn table_filter(table: &str) -> Filter {
     Filter::must([keyword("_cdc.table", table)])
 }
 
-/// `filter` (or everything) minus delete markers.
+/// `filter` (or everything) minus delete markers: what counts as a stored document.
 fn documents_only(filter: Option<Filter>) -> Filter {
     let mut filter = filter.unwrap_or_default();
     filter.must_not = vec![Condition::matches("_cdc.deleted", true)];
@@ -145,13 +416,49 @@ fn id_text(id: Option<PointId>) -> String {
     }
 }
 
-/// qdrant payload → JSON object (integers stay integers).
+/// qdrant payload → JSON object.
 fn json_payload(payload: HashMap<String, qdrant_client::qdrant::Value>) -> Row {
     serde_json::Map::from(Payload::from(payload))
 }
 
-fn qdrant_payload(row: &Row) -> Payload {
-    Payload::from(row.clone())
+/// JSON object → qdrant payload.
+fn qdrant_payload(row: &Row) -> HashMap<String, qdrant_client::qdrant::Value> {
+    Payload::from(row.clone()).into()
+}
+
+fn delete_op(selector: impl Into<PointsSelector>) -> PointsUpdateOperation {
+    PointsUpdateOperation {
+        operation: Some(points_update_operation::Operation::DeletePoints(
+            points_update_operation::DeletePoints {
+                points: Some(selector.into()),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+fn upsert_op(points: Vec<PointStruct>) -> PointsUpdateOperation {
+    PointsUpdateOperation {
+        operation: Some(points_update_operation::Operation::Upsert(
+            points_update_operation::PointStructList {
+                points,
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+/// Merges `payload` into one point's payload (top-level keys replaced, others kept).
+fn set_payload_op(id: &uuid::Uuid, payload: &Row) -> PointsUpdateOperation {
+    PointsUpdateOperation {
+        operation: Some(points_update_operation::Operation::SetPayload(
+            points_update_operation::SetPayload {
+                payload: qdrant_payload(payload),
+                points_selector: Some(vec![point_id(id)].into()),
+                ..Default::default()
+            },
+        )),
+    }
 }
 
 #[async_trait]
@@ -161,76 +468,16 @@ impl Sink for QdrantSink {
     }
 
     async fn prepare(&self, vector_size: usize) -> Result<(), StageError> {
-        let exists = self
-            .client
-            .collection_exists(&self.collection)
+        // A refused collection or index (a bad name, say) is configuration: fatal.
+        self.prepare_collection(vector_size)
             .await
-            .map_err(|e| self.err("collection_exists", e))?;
-        if !exists {
-            let mut vectors = VectorsConfigBuilder::default();
-            vectors.add_named_vector_params(
-                VECTOR_NAME,
-                VectorParamsBuilder::new(vector_size as u64, Distance::Cosine),
-            );
-            self.client
-                .create_collection(
-                    CreateCollectionBuilder::new(&self.collection).vectors_config(vectors),
-                )
-                .await
-                .map_err(|e| self.err("create_collection", e))?;
-            for field in ["_cdc.table", "_cdc.key"] {
-                self.client
-                    .create_field_index(
-                        CreateFieldIndexCollectionBuilder::new(
-                            &self.collection,
-                            field,
-                            FieldType::Keyword,
-                        )
-                        .wait(true),
-                    )
-                    .await
-                    .map_err(|e| self.err("create_field_index", e))?;
-            }
-            tracing::info!(collection = %self.collection, vector_size, "created Qdrant collection");
-            return Ok(());
-        }
-        let info = self
-            .client
-            .collection_info(&self.collection)
-            .await
-            .map_err(|e| self.err("collection_info", e))?;
-        let params = info
-            .result
-            .and_then(|r| r.config)
-            .and_then(|c| c.params)
-            .and_then(|p| p.vectors_config)
-            .and_then(|v| v.config);
-        let found = match params {
-            Some(vectors_config::Config::ParamsMap(map)) => {
-                map.map.get(VECTOR_NAME).map(|p| (p.size, p.distance))
-            }
-            Some(vectors_config::Config::Params(_)) => None,
-            None => None,
-        };
-        match found {
-            Some((size, distance))
-                if size == vector_size as u64 && distance == Distance::Cosine as i32 =>
-            {
-                Ok(())
-            }
-            other => Err(StageError::fatal(format!(
-                "Qdrant collection `{}` has vector `{VECTOR_NAME}` = {}, but the model needs size {vector_size}, distance Cosine; \
-                 use another sink.collection or re-create it",
-                self.collection,
-                match other {
-                    Some((s, d)) => format!(
-                        "size {s}, distance {:?}",
-                        Distance::try_from(d).unwrap_or(Distance::UnknownDistance)
-                    ),
-                    None => "missing (unnamed or other vectors)".to_string(),
-                }
-            ))),
-        }
+            .map_err(|e| match e.kind {
+                ErrorKind::Poison => StageError {
+                    kind: ErrorKind::Fatal,
+                    ..e
+                },
+                _ => e,
+            })
     }
 
     async fn read_states(
@@ -240,11 +487,9 @@ impl Sink for QdrantSink {
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
-        let by_id: HashMap<String, &DocumentKey> = keys
-            .iter()
-            .map(|k| (k.point_id(0).to_string(), k))
-            .collect();
-        let ids: Vec<PointId> = keys.iter().map(|k| point_id(&k.point_id(0))).collect();
+        let by_id: HashMap<uuid::Uuid, &DocumentKey> =
+            keys.iter().map(|k| (k.point_id(0), k)).collect();
+        let ids: Vec<PointId> = by_id.keys().map(point_id).collect();
         let response = self
             .client
             .get_points(
@@ -256,7 +501,9 @@ impl Sink for QdrantSink {
             .map_err(|e| self.err("get_points", e))?;
         let mut states = HashMap::new();
         for point in response.result {
-            let id = id_text(point.id);
+            let Ok(id) = uuid::Uuid::parse_str(&id_text(point.id)) else {
+                continue;
+            };
             if let (Some(key), Some(state)) =
                 (by_id.get(&id), stored_state(&json_payload(point.payload)))
             {
@@ -267,32 +514,31 @@ impl Sink for QdrantSink {
     }
 
     async fn write(&self, write: &Write) -> Result<(), StageError> {
-        let c = &self.collection;
+        // 1. Removals, in order: truncates, key deletes, their markers, surplus chunks.
+        let mut removals = Vec::new();
         for table in &write.truncate_tables {
-            self.client
-                .delete_points(
-                    DeletePointsBuilder::new(c)
-                        .points(table_filter(table))
-                        .wait(true),
-                )
-                .await
-                .map_err(|e| self.err("truncate", e))?;
+            removals.push((delete_op(table_filter(table)), 64 + table.len()));
         }
         for key in &write.delete_keys {
-            self.client
-                .delete_points(
-                    DeletePointsBuilder::new(c)
-                        .points(key_filter(key))
-                        .wait(true),
-                )
-                .await
-                .map_err(|e| self.err("delete", e))?;
+            removals.push((
+                delete_op(key_filter(key)),
+                64 + key.table.len() + key.key.len(),
+            ));
         }
-        if !write.markers.is_empty() {
-            let markers: Vec<PointStruct> = write
+        for group in groups(
+            &write
                 .markers
                 .iter()
+                .map(|m| 64 + row_size(&m.payload))
+                .collect::<Vec<_>>(),
+            MAX_POINTS,
+            MAX_BYTES,
+        ) {
+            let markers = &write.markers[group];
+            let points = markers
+                .iter()
                 .map(|m| {
+                    // No vector: searches never find it; `fetch` and `count` filter it out.
                     PointStruct::new(
                         point_id(&m.id),
                         NamedVectors::default(),
@@ -300,24 +546,24 @@ impl Sink for QdrantSink {
                     )
                 })
                 .collect();
-            self.client
-                .upsert_points(UpsertPointsBuilder::new(c, markers).wait(true))
-                .await
-                .map_err(|e| self.err("upsert markers", e))?;
+            let size = markers.iter().map(|m| 64 + row_size(&m.payload)).sum();
+            removals.push((upsert_op(points), size));
         }
-        if !write.delete_points.is_empty() {
-            let ids: Vec<PointId> = write.delete_points.iter().map(point_id).collect();
-            self.client
-                .delete_points(
-                    DeletePointsBuilder::new(c)
-                        .points(PointsIdsList { ids })
-                        .wait(true),
-                )
-                .await
-                .map_err(|e| self.err("delete surplus", e))?;
+        for ids in write.delete_points.chunks(MAX_OPS * 8) {
+            let ids: Vec<PointId> = ids.iter().map(point_id).collect();
+            let size = 48 * ids.len();
+            removals.push((delete_op(ids), size));
         }
-        for (n, chunk) in write.upserts.chunks(UPSERT_CHUNK).enumerate() {
-            let points: Vec<PointStruct> = chunk
+        self.update_batch("delete", removals).await?;
+
+        // 2. Upserts, with their vectors. A refused one-point request names its point.
+        let sizes: Vec<usize> = write
+            .upserts
+            .iter()
+            .map(|p| 64 + 4 * p.vector.len() + row_size(&p.payload))
+            .collect();
+        for group in groups(&sizes, MAX_POINTS, MAX_BYTES) {
+            let points: Vec<PointStruct> = write.upserts[group.clone()]
                 .iter()
                 .map(|p| {
                     PointStruct::new(
@@ -327,31 +573,28 @@ impl Sink for QdrantSink {
                     )
                 })
                 .collect();
-            self.client
-                .upsert_points(UpsertPointsBuilder::new(c, points).wait(true))
+            let response = self
+                .client
+                .upsert_points(UpsertPointsBuilder::new(&self.collection, points).wait(true))
                 .await
                 .map_err(|e| {
-                    let mut err = self.err("upsert", e);
-                    // A rejected single-point chunk names its point for poison isolation.
-                    if chunk.len() == 1 {
-                        err.item = Some(n * UPSERT_CHUNK);
+                    let err = self.err("upsert", e);
+                    if err.kind == ErrorKind::Poison && group.len() == 1 {
+                        err.at(group.start)
+                    } else {
+                        err
                     }
-                    err
                 })?;
+            self.completed("upsert", response.result.as_ref())?;
         }
-        for update in &write.payload_updates {
-            self.client
-                .set_payload(
-                    SetPayloadPointsBuilder::new(c, qdrant_payload(&update.payload))
-                        .points_selector(PointsIdsList {
-                            ids: vec![point_id(&update.id)],
-                        })
-                        .wait(true),
-                )
-                .await
-                .map_err(|e| self.err("set_payload", e))?;
-        }
-        Ok(())
+
+        // 3. Payload updates (vectors unchanged).
+        let updates = write
+            .payload_updates
+            .iter()
+            .map(|u| (set_payload_op(&u.id, &u.payload), 64 + row_size(&u.payload)))
+            .collect();
+        self.update_batch("set_payload", updates).await
     }
 
     async fn search(
@@ -360,13 +603,16 @@ impl Sink for QdrantSink {
         table: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Hit>, StageError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let mut query = QueryPointsBuilder::new(&self.collection)
             .query(vector)
             .using(VECTOR_NAME)
             .limit(limit as u64)
             .with_payload(true);
-        if let Some(t) = table {
-            query = query.filter(table_filter(t));
+        if let Some(table) = table {
+            query = query.filter(table_filter(table));
         }
         let response = self
             .client
@@ -409,17 +655,16 @@ impl Sink for QdrantSink {
     }
 
     async fn count(&self, table: Option<&str>) -> Result<u64, StageError> {
-        let filter = documents_only(table.map(table_filter));
         let response = self
             .client
             .count(
                 CountPointsBuilder::new(&self.collection)
-                    .filter(filter)
+                    .filter(documents_only(table.map(table_filter)))
                     .exact(true),
             )
             .await
             .map_err(|e| self.err("count", e))?;
-        Ok(response.result.map(|r| r.count).unwrap_or(0))
+        Ok(response.result.map_or(0, |r| r.count))
     }
 
     async fn health(&self) -> Result<(), StageError> {
@@ -434,53 +679,224 @@ impl Sink for QdrantSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ErrorKind;
-    use serde_json::{Value, json};
+    use qdrant_client::qdrant::{VectorParams, VectorParamsMap};
+    use serde_json::json;
+    use tonic::Code;
 
-    fn status(code: tonic::Code) -> QdrantError {
+    fn status(code: Code, message: &str) -> QdrantError {
         QdrantError::ResponseError {
-            status: tonic::Status::new(code, "x"),
+            status: tonic::Status::new(code, message),
         }
+    }
+
+    fn kind(code: Code, message: &str) -> ErrorKind {
+        classify(&status(code, message)).kind
     }
 
     #[test]
     fn grpc_codes_classify() {
-        use tonic::Code;
         for code in [
             Code::Unavailable,
             Code::DeadlineExceeded,
             Code::ResourceExhausted,
             Code::Aborted,
             Code::Internal,
+            Code::Unknown,
+            Code::Cancelled,
         ] {
-            assert_eq!(
-                classify(&status(code)).kind,
-                ErrorKind::Transient,
-                "{code:?}"
-            );
+            assert_eq!(kind(code, "x"), ErrorKind::Transient, "{code:?}");
         }
+        let poison = classify(&status(
+            Code::InvalidArgument,
+            "Wrong input: Vector dimension error",
+        ));
+        assert_eq!(poison.kind, ErrorKind::Poison);
         assert_eq!(
-            classify(&status(Code::InvalidArgument)).kind,
+            poison.item, None,
+            "the pipeline isolates the culprit itself"
+        );
+        assert!(
+            poison.message.contains("Vector dimension error"),
+            "{poison}"
+        );
+        assert_eq!(kind(Code::OutOfRange, "x"), ErrorKind::Poison);
+        assert_eq!(
+            kind(Code::Unauthenticated, "Invalid api-key"),
+            ErrorKind::Fatal
+        );
+        assert_eq!(kind(Code::PermissionDenied, "x"), ErrorKind::Fatal);
+        assert_eq!(kind(Code::Unimplemented, "x"), ErrorKind::Fatal);
+    }
+
+    #[test]
+    fn not_found_is_fatal_for_a_collection_and_poison_for_a_point() {
+        let gone = classify(&status(
+            Code::NotFound,
+            "Not found: Collection `cdc_documents` doesn't exist!",
+        ));
+        assert_eq!(gone.kind, ErrorKind::Fatal);
+        assert!(gone.message.contains("collection deleted"), "{gone}");
+        assert_eq!(
+            kind(
+                Code::NotFound,
+                "Not found: No point with id 8c1b0a6e-0f7c-5f0b-9a5e-3f4b1c2d3e4f found"
+            ),
             ErrorKind::Poison
         );
+    }
+
+    #[test]
+    fn a_write_lock_or_a_shard_not_ready_is_waited_out() {
         assert_eq!(
-            classify(&status(Code::Unauthenticated)).kind,
-            ErrorKind::Fatal
+            kind(
+                Code::FailedPrecondition,
+                "Storage locked: Write operations are forbidden"
+            ),
+            ErrorKind::Transient
         );
         assert_eq!(
-            classify(&status(Code::PermissionDenied)).kind,
+            kind(
+                Code::FailedPrecondition,
+                "Pre-condition failure: shard is not active"
+            ),
+            ErrorKind::Transient
+        );
+    }
+
+    #[test]
+    fn client_side_errors_classify() {
+        let limited = QdrantError::ResourceExhaustedError {
+            status: tonic::Status::resource_exhausted("Rate limiting exceeded"),
+            retry_after_seconds: 3,
+        };
+        assert_eq!(classify(&limited).kind, ErrorKind::Transient);
+        assert_eq!(
+            classify(&QdrantError::ConversionError("sparse".into())).kind,
+            ErrorKind::Poison
+        );
+        let bad = "http://[::1".parse::<tonic::transport::Uri>().unwrap_err();
+        assert_eq!(
+            classify(&QdrantError::InvalidUri(bad)).kind,
             ErrorKind::Fatal
         );
-        assert_eq!(classify(&status(Code::NotFound)).kind, ErrorKind::Fatal);
     }
 
     #[test]
     fn payload_round_trips_exactly() {
-        let row = json!({"big": 9223372036854775807i64, "neg": -5, "f": 1.5, "s": "x", "b": true, "n": null,
-                         "nested": {"a": [1, "two", {"three": 3}]}, "_cdc": {"table": "public.t", "chunk": 0}});
+        let row = json!({
+            "max": i64::MAX, "min": i64::MIN, "neg": -5, "zero": 0,
+            "f": 1.5, "whole_float": 3.0, "tiny": 1e-300, "huge": 1.7976931348623157e308, "third": 0.1 + 0.2,
+            "s": "grüße ✓", "empty": "", "b": true, "n": null,
+            "nested": {"a": [1, "two", {"three": 3.25}, [], {}], "deep": {"deeper": {"x": false}}},
+            "_cdc": {"table": "public.t", "key": "{\"id\":1}", "chunk": 0, "chunks": 2,
+                     "position": {"connector": "dbserver1", "lsn": 123_456_789_012_u64}}
+        });
         let row = row.as_object().cloned().unwrap_or_default();
-        let payload = qdrant_payload(&row);
-        let back = json_payload(payload.into());
-        assert_eq!(Value::Object(back), Value::Object(row));
+        let back = json_payload(qdrant_payload(&row));
+        assert_eq!(Value::Object(back.clone()), Value::Object(row));
+        // Integers stay integers, floats floats.
+        assert_eq!(back["max"].as_i64(), Some(i64::MAX));
+        assert!(back["whole_float"].is_f64());
+        assert_eq!(back["max"].to_string(), "9223372036854775807");
+    }
+
+    #[test]
+    fn an_integer_above_i64_max_comes_back_as_a_float() {
+        let row = json!({"u": u64::MAX})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let back = json_payload(qdrant_payload(&row));
+        assert!(back["u"].is_f64(), "{back:?}");
+    }
+
+    #[test]
+    fn writes_are_grouped_by_count_and_size() {
+        assert_eq!(groups(&[], 3, 100), Vec::<Range<usize>>::new());
+        assert_eq!(groups(&[1; 7], 3, 100), vec![0..3, 3..6, 6..7]);
+        assert_eq!(groups(&[40, 40, 40, 40], 10, 100), vec![0..2, 2..4]);
+        // An item larger than the budget goes alone.
+        assert_eq!(groups(&[10, 500, 10], 10, 100), vec![0..1, 1..2, 2..3]);
+    }
+
+    fn params(size: u64, distance: Distance) -> VectorParams {
+        VectorParamsBuilder::new(size, distance).build()
+    }
+
+    fn named(name: &str, p: VectorParams) -> vectors_config::Config {
+        vectors_config::Config::ParamsMap(VectorParamsMap {
+            map: [(name.to_string(), p)].into_iter().collect(),
+        })
+    }
+
+    #[test]
+    fn the_text_vector_must_match_the_model() {
+        assert!(
+            check_vector(
+                "c",
+                Some(&named("text", params(384, Distance::Cosine))),
+                384
+            )
+            .is_ok()
+        );
+        let e = check_vector(
+            "c",
+            Some(&named("text", params(384, Distance::Cosine))),
+            385,
+        )
+        .expect_err("size");
+        assert_eq!(e.kind, ErrorKind::Fatal);
+        assert!(
+            e.message.contains("size 384") && e.message.contains("size 385"),
+            "{e}"
+        );
+        assert!(e.message.contains("`c`"), "names the collection: {e}");
+        let e = check_vector("c", Some(&named("text", params(384, Distance::Dot))), 384)
+            .expect_err("distance");
+        assert!(e.message.contains("distance Dot"), "{e}");
+        let e = check_vector(
+            "c",
+            Some(&named("other", params(384, Distance::Cosine))),
+            384,
+        )
+        .expect_err("name");
+        assert!(e.message.contains("named vectors: other"), "{e}");
+        let unnamed = vectors_config::Config::Params(params(384, Distance::Cosine));
+        let e = check_vector("c", Some(&unnamed), 384).expect_err("unnamed");
+        assert!(e.message.contains("unnamed"), "{e}");
+        assert!(check_vector("c", None, 384).is_err());
+    }
+
+    fn config(url: &str) -> SinkConfig {
+        SinkConfig {
+            url: url.into(),
+            api_key_env: "CDC_INDEXER_TEST_QDRANT_KEY_UNSET".into(),
+            ..SinkConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn connect_checks_the_url_without_connecting() {
+        for url in ["http://127.0.0.1:6334", "https://qdrant.example.com:6334"] {
+            let sink = QdrantSink::connect(&config(url)).expect(url);
+            assert_eq!(sink.name(), "qdrant");
+        }
+        for url in ["127.0.0.1:6334", "grpc://127.0.0.1:6334", "http://[::1", ""] {
+            let err = QdrantSink::connect(&config(url))
+                .err()
+                .unwrap_or_else(|| panic!("{url} accepted"));
+            assert_eq!(err.kind, ErrorKind::Fatal, "{url}: {err}");
+            assert!(err.message.starts_with("sink.url"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_api_key_file_is_fatal() {
+        let config = SinkConfig {
+            api_key_file: Some("/nonexistent/cdc-indexer/qdrant.key".into()),
+            ..config("http://127.0.0.1:6334")
+        };
+        let err = QdrantSink::connect(&config).err().expect("refused");
+        assert_eq!(err.kind, ErrorKind::Fatal, "{err}");
     }
 }
