@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 from fastapi import APIRouter, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -307,11 +307,8 @@ def _parse_embeddings_request(raw: bytes) -> Dict[str, Any]:
     return {"texts": texts, "model": model, "format": fmt}
 
 
-@router.post("/v1/embeddings")
-async def embeddings(request: Request):
-    parsed = _parse_embeddings_request(await request.body())
-    embed_model = request.app.state.embed_model
-    vecs, tokens = await run_in_threadpool(embed_model.embed_with_usage, parsed["texts"])
+def _embeddings_response(embed_model, parsed: Dict[str, Any]) -> Response:
+    vecs, tokens = embed_model.embed_with_usage(parsed["texts"])
     data = []
     for i, vec in enumerate(vecs):
         if parsed["format"] == "base64":
@@ -320,9 +317,18 @@ async def embeddings(request: Request):
             value = vec.tolist()
         data.append({"object": "embedding", "index": i, "embedding": value})
     total = int(sum(tokens))
-    return {
+    body = {
         "object": "list",
         "data": data,
         "model": parsed["model"],
         "usage": {"prompt_tokens": total, "total_tokens": total},
     }
+    # Serialised here (in the worker thread) with plain json: FastAPI's jsonable_encoder is
+    # slow for thousands of floats.
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request):
+    parsed = _parse_embeddings_request(await request.body())
+    return await run_in_threadpool(_embeddings_response, request.app.state.embed_model, parsed)

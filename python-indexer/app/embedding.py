@@ -44,6 +44,8 @@ class OnnxMiniLM:
         if threads > 0:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # No busy-waiting: the service shares 2 cores with uvicorn, Qdrant and the daemon.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
         )

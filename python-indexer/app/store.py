@@ -75,8 +75,30 @@ def _doc_filter(table: str, key: Optional[str] = None) -> qm.Filter:
     return qm.Filter(must=must)
 
 
-def _any_of(filters: Sequence[qm.Filter]) -> qm.Filter:
-    return filters[0] if len(filters) == 1 else qm.Filter(should=list(filters))
+def _keys_filter(keys: Sequence[Tuple[str, str]], tables: Sequence[str] = ()) -> qm.Filter:
+    """Points of any of the (table, key) pairs or of any of the tables.
+
+    Keys are grouped per table into one MatchAny condition, which keeps filters small (and
+    local mode, which evaluates filters in Python point by point, fast).
+    """
+    by_table: Dict[str, List[str]] = {}
+    for table, key in keys:
+        by_table.setdefault(table, []).append(key)
+    parts: List[qm.Filter] = []
+    for table, table_keys in by_table.items():
+        if table in tables:
+            continue  # the whole table goes anyway
+        key_match = (qm.MatchValue(value=table_keys[0]) if len(table_keys) == 1
+                     else qm.MatchAny(any=table_keys))
+        parts.append(qm.Filter(must=[
+            qm.FieldCondition(key=TABLE_FIELD, match=qm.MatchValue(value=table)),
+            qm.FieldCondition(key=KEY_FIELD, match=key_match),
+        ]))
+    if tables:
+        table_match = (qm.MatchValue(value=tables[0]) if len(tables) == 1
+                       else qm.MatchAny(any=list(tables)))
+        parts.append(qm.Filter(must=[qm.FieldCondition(key=TABLE_FIELD, match=table_match)]))
+    return parts[0] if len(parts) == 1 else qm.Filter(should=parts)
 
 
 def _batches(items: Sequence[Any], size: int = FILTER_BATCH) -> Iterable[Sequence[Any]]:
@@ -263,34 +285,38 @@ class DocumentStore:
         with self._write_lock:
             if nodes:
                 self._call("upsert", self._vector_store.add, nodes)
-            # Remove what the new version no longer has (all points of the key not just written).
+            # Remove what the new versions no longer have: points of these keys whose id was
+            # not just written. (Ids are unique across the request, so a point carrying one of
+            # the new ids now has the payload of the document that wrote it.)
             for batch in _batches(list(documents)):
-                surplus = []
-                for doc in batch:
-                    flt = _doc_filter(doc.table, doc.key)
-                    ids = [c.id for c in doc.chunks]
-                    if ids:
-                        flt.must_not = [qm.HasIdCondition(has_id=ids)]
-                    surplus.append(flt)
+                flt = _keys_filter([(d.table, d.key) for d in batch])
+                new_ids = [c.id for d in batch for c in d.chunks]
+                if new_ids:
+                    flt = qm.Filter(must=[flt], must_not=[qm.HasIdCondition(has_id=new_ids)])
                 self._call(
                     "upsert (surplus delete)",
                     self.client.delete,
                     self.collection,
-                    points_selector=qm.FilterSelector(filter=_any_of(surplus)),
+                    points_selector=qm.FilterSelector(filter=flt),
                     wait=True,
                 )
         return len(nodes)
 
     def delete(self, keys: Sequence[Tuple[str, str]], tables: Sequence[str]) -> None:
         self.ensure_ready()
-        filters = [_doc_filter(t, k) for t, k in keys] + [_doc_filter(t) for t in tables]
+        if not keys and not tables:
+            return
         with self._write_lock:
-            for batch in _batches(filters):
+            for start in range(0, max(len(keys), len(tables)), FILTER_BATCH):
+                key_batch = keys[start : start + FILTER_BATCH]
+                table_batch = tables[start : start + FILTER_BATCH]
+                if not key_batch and not table_batch:
+                    break
                 self._call(
                     "delete",
                     self.client.delete,
                     self.collection,
-                    points_selector=qm.FilterSelector(filter=_any_of(batch)),
+                    points_selector=qm.FilterSelector(filter=_keys_filter(key_batch, table_batch)),
                     wait=True,
                 )
 
@@ -303,7 +329,7 @@ class DocumentStore:
         self.ensure_ready()
         found: Dict[Tuple[str, str], List[Dict[str, Any]]] = {k: [] for k in keys}
         for batch in _batches(list(found)):
-            flt = _any_of([_doc_filter(t, k) for t, k in batch])
+            flt = _keys_filter(batch)
             offset = None
             while True:
                 with self._reading():

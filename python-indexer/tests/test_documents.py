@@ -243,3 +243,52 @@ def test_search_default_limit(client):
     t = "public.many"
     upsert(client, *[doc(t, key_of(i), [f"item number {i}"]) for i in range(8)])
     assert len(search(client, query="item", table=t)) == 5
+
+
+def test_batched_upsert_and_delete_across_tables(client):
+    ta, tb = "public.batch_a", "public.batch_b"
+    upsert(client, doc(ta, key_of(1), ["a1", "a1b", "a1c"]), doc(ta, key_of(2), ["a2", "a2b"]),
+           doc(tb, key_of(1), ["b1", "b1b"]))
+    # One request rewrites several keys of two tables: each key keeps exactly its new chunks.
+    upsert(client, doc(ta, key_of(1), ["a1 new"]), doc(ta, key_of(2), ["a2", "a2b"]),
+           doc(tb, key_of(1), ["b1"]), doc(tb, key_of(3), ["b3"]))
+    got = get(client, (ta, key_of(1)), (ta, key_of(2)), (tb, key_of(1)), (tb, key_of(3)))
+    assert [len(d["chunks"]) for d in got] == [1, 2, 1, 1]
+    assert count(client, ta) == 3 and count(client, tb) == 2
+    # A key repeated in one request: the last occurrence wins.
+    upsert(client, doc(ta, key_of(9), ["first", "first b"]), doc(ta, key_of(9), ["second"]))
+    assert [c["text"] for c in get(client, (ta, key_of(9)))[0]["chunks"]] == ["second"]
+    # keys + tables in one delete, a key's table also listed as a table
+    r = client.post("/v1/documents:delete", json={
+        "keys": [{"table": ta, "key": key_of(1)}, {"table": tb, "key": key_of(3)}], "tables": [ta]})
+    assert r.json() == {"deleted_keys": 2, "deleted_tables": 1}
+    assert count(client, ta) == 0
+    assert [len(d["chunks"]) for d in get(client, (tb, key_of(1)), (tb, key_of(3)))] == [1, 0]
+
+
+def test_get_with_embeddings(client):
+    t = "public.with_vectors"
+    k = key_of(1)
+    vec = np.random.default_rng(3).normal(size=384)
+    vec = (vec / np.linalg.norm(vec)).tolist()
+    body = doc(t, k, ["given vector", "service-embedded"])
+    body["chunks"][0]["embedding"] = vec
+    upsert(client, body)
+    plain = get(client, (t, k))[0]["chunks"]
+    assert all("embedding" not in c for c in plain)
+    r = client.post("/v1/documents:get", json={"keys": [{"table": t, "key": k}], "with_embeddings": True})
+    assert r.status_code == 200, r.text
+    chunks = r.json()["documents"][0]["chunks"]
+    assert np.allclose(chunks[0]["embedding"], vec, atol=1e-6)
+    own = np.array(chunks[1]["embedding"])
+    assert own.shape == (384,) and abs(np.linalg.norm(own) - 1) < 1e-4
+    r = client.post("/v1/embeddings", json={"input": "service-embedded"})
+    assert np.dot(r.json()["data"][0]["embedding"], own) > 0.9999
+    # Re-sending the stored vectors (metadata-only update) keeps them.
+    for c in chunks:
+        c["metadata"]["title"] = "updated"
+    upsert(client, {"table": t, "key": k, "chunks": chunks})
+    again = client.post("/v1/documents:get",
+                        json={"keys": [{"table": t, "key": k}], "with_embeddings": True}).json()
+    assert [c["metadata"]["title"] for c in again["documents"][0]["chunks"]] == ["updated"] * 2
+    assert np.allclose(again["documents"][0]["chunks"][0]["embedding"], vec, atol=1e-6)

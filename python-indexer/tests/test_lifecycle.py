@@ -68,3 +68,32 @@ def test_startup_fails_on_incompatible_collection(tmp_path):
         assert "size=128" in log and "size=384" in log, log
     finally:
         svc.stop()
+
+
+def test_unreachable_qdrant_server_gives_503(tmp_path):
+    from .conftest import free_port
+    import time
+
+    svc = Service(tmp_path, {"QDRANT_URL": f"http://127.0.0.1:{free_port()}",
+                             "PYTHON_INDEXER_QDRANT_TIMEOUT": "2"})
+    try:
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline and svc.proc.poll() is None:
+            try:
+                status = httpx.get(svc.base_url + "/healthz", timeout=10).status_code
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert status == 503, svc.log()
+        r = httpx.post(svc.base_url + "/v1/documents:count", json={}, timeout=30)
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "vector_store_unavailable"
+        r = httpx.post(svc.base_url + "/v1/documents:upsert", timeout=30, json={"documents": [
+            {"table": "t", "key": "k", "chunks": [{"id": CHUNK_ID, "text": "x"}]}]})
+        assert r.status_code == 503
+        # embeddings do not need the vector store
+        r = httpx.post(svc.base_url + "/v1/embeddings", json={"input": "x"}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        svc.stop()
