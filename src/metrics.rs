@@ -33,6 +33,8 @@ pub struct Metrics {
     pub paused: IntGauge,
     pub broker_connected: IntGauge,
     pub reconnects: IntCounter,
+    /// Unix time of the pipeline's last heartbeat (set when scraped).
+    pub heartbeat: IntGauge,
     /// Messages in the main queue and the DLQ (polled).
     pub queue_messages: IntGaugeVec,
     pub health: Arc<Health>,
@@ -177,6 +179,10 @@ impl Metrics {
                 "broker_reconnects_total",
                 "Broker reconnections after a lost connection or channel.",
             )?,
+            heartbeat: gauge(
+                "pipeline_heartbeat_timestamp_seconds",
+                "Unix time of the pipeline's last sign of life (a loop turn, a retry attempt or a second of backoff); /healthz and the systemd watchdog fail when it is older than their limit.",
+            )?,
             queue_messages,
             health: Arc::new(Health::default()),
             registry,
@@ -185,6 +191,8 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        self.heartbeat
+            .set(self.health.heartbeat.load(Ordering::Relaxed));
         let mut buffer = Vec::new();
         let encoder = TextEncoder::new();
         if let Err(e) = encoder.encode(&self.registry.gather(), &mut buffer) {

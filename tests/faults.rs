@@ -330,11 +330,28 @@ async fn a_sink_outage_of_30_seconds_pauses_intake_and_loses_nothing() {
     publish_all(&w, &changes[200..]).await;
     let mut saw_paused = false;
     let mut saw_not_ready = false;
+    let mut longest_silence = 0.0_f64;
     while outage.elapsed() < Duration::from_secs(30) {
         saw_paused |= d.metric_sum("cdc_indexer_consumer_paused") == 1.0;
         saw_not_ready |= d.get("/readyz").map(|r| r.0) == Some(503);
+        // Alive all along: the heartbeat goes on while retrying, so neither /healthz nor the
+        // systemd watchdog restarts a daemon that is waiting out an outage.
+        let beat = d.metric_sum("cdc_indexer_pipeline_heartbeat_timestamp_seconds");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |t| t.as_secs_f64());
+        longest_silence = longest_silence.max(now - beat);
+        assert_eq!(
+            d.get("/healthz").map(|r| r.0),
+            Some(200),
+            "alive while paused"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    assert!(
+        longest_silence < 5.0,
+        "the heartbeat went silent for {longest_silence:.1} s during the outage"
+    );
     assert!(saw_paused, "intake paused during the outage");
     assert!(saw_not_ready, "/readyz false during the outage");
     // Held unacked (prefetched) or still queued; none in the DLQ.
@@ -379,7 +396,7 @@ async fn a_sink_outage_of_30_seconds_pauses_intake_and_loses_nothing() {
         assert_eq!(doc[0].payload["name"], json!(name));
     }
     println!(
-        "outage: python-indexer down {:?}, {retries} retries, {} events, 0 dead-lettered, all indexed after recovery",
+        "outage: python-indexer down {:?}, {retries} retries, longest heartbeat silence {longest_silence:.1} s, {} events, 0 dead-lettered, all indexed after recovery",
         outage.elapsed(),
         changes.len()
     );

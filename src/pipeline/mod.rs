@@ -25,7 +25,7 @@ use crate::embed::Embedder;
 use crate::error::{ErrorKind, StageError};
 use crate::events::{BrokerSessionLost, InternalEvent, Recovered, RetryScheduled};
 use crate::mapping::CompiledRule;
-use crate::metrics::Metrics;
+use crate::metrics::{Health, Metrics};
 use crate::sink::Sink;
 
 pub struct Pipeline {
@@ -76,7 +76,7 @@ impl Pipeline {
                     let wait = jitter(delay);
                     BrokerSessionLost { error: &e, wait }.emit(&self.metrics);
                     tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
+                        _ = beating_sleep(Arc::clone(&self.metrics.health), wait) => {}
                         _ = self.cancel.cancelled() => return Ok(()),
                     }
                     delay = (delay * 2).min(max_delay);
@@ -203,18 +203,26 @@ impl Pipeline {
             .with_jitter()
             .without_max_times();
         let metrics = &self.metrics;
-        let attempt = f
-            .retry(policy)
-            .sleep(tokio::time::sleep)
-            .when(|e: &StageError| e.kind == ErrorKind::Transient)
-            .notify(|e: &StageError, wait: Duration| {
-                RetryScheduled {
-                    stage,
-                    error: e,
-                    wait,
-                }
-                .emit(metrics)
-            });
+        let mut f = f;
+        // The heartbeat (`/healthz`, the systemd watchdog) goes on through an outage: a beat
+        // at each attempt and every second of each backoff wait. A call that hangs past its
+        // timeout still stops it, which is what the watchdog is for.
+        let health = Arc::clone(&metrics.health);
+        let attempt = (move || {
+            metrics.health.beat();
+            f()
+        })
+        .retry(policy)
+        .sleep(move |wait| beating_sleep(Arc::clone(&health), wait))
+        .when(|e: &StageError| e.kind == ErrorKind::Transient)
+        .notify(|e: &StageError, wait: Duration| {
+            RetryScheduled {
+                stage,
+                error: e,
+                wait,
+            }
+            .emit(metrics)
+        });
         // On shutdown the retries go on: the caller bounds them by the shutdown deadline, so a
         // sink that recovers within it still gets the open batch written and acked.
         let result = attempt.await;
@@ -222,6 +230,19 @@ impl Pipeline {
             Recovered { stage }.emit(metrics);
         }
         result
+    }
+}
+
+/// Sleeps `wait`, beating the heartbeat every second.
+async fn beating_sleep(health: Arc<Health>, wait: Duration) {
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        health.beat();
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return;
+        }
+        tokio::time::sleep((until - now).min(Duration::from_secs(1))).await;
     }
 }
 
