@@ -533,6 +533,7 @@ async fn purge(
         .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
         .await
         .map_err(|e| amqp_error("queue.purge", e))?;
+    let _ = channel.close(200, "done".into()).await;
     println!("purged {n} entries from {queue}");
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -183,8 +183,12 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("CDC_INDEXER_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,qdrant_edge=warn,ort=warn"));
+    // Colour only on a terminal: journald, kubectl logs and files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if std::env::var("CDC_INDEXER_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();

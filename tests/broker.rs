@@ -390,6 +390,15 @@ async fn stats_count_by_kind_and_table_and_purge_needs_yes() {
         .output()
         .expect("purge");
     assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("purged 3 entries from {}", w.dlq)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("ERROR") && !stderr.contains('\x1b'),
+        "a clean exit logs no error, and no colour codes into a pipe: {stderr}"
+    );
     assert_eq!(w.queue_depth(&w.dlq).await, 0);
     w.cleanup().await;
 }
