@@ -385,5 +385,28 @@ pub fn stored_state(payload: &Row) -> Option<StoredState> {
     })
 }
 
+/// Splits consecutive items of the given sizes into ranges of at most `max_items` items and
+/// `max_size` in total (an item larger than that goes alone): how the sinks and the HTTP
+/// embedder cut a batch into requests.
+pub fn split_ranges(
+    sizes: &[usize],
+    max_items: usize,
+    max_size: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut total) = (0, 0);
+    for (i, &size) in sizes.iter().enumerate() {
+        if i > start && (i - start == max_items || total + size > max_size) {
+            out.push(start..i);
+            (start, total) = (i, 0);
+        }
+        total += size;
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests;

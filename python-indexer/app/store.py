@@ -310,8 +310,6 @@ class DocumentStore:
             for start in range(0, max(len(keys), len(tables)), FILTER_BATCH):
                 key_batch = keys[start : start + FILTER_BATCH]
                 table_batch = tables[start : start + FILTER_BATCH]
-                if not key_batch and not table_batch:
-                    break
                 self._call(
                     "delete",
                     self.client.delete,

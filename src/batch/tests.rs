@@ -299,3 +299,18 @@ fn a_delete_leaves_a_marker_that_makes_older_replays_stale() {
     assert_eq!(out.plan.upserts.len(), 1);
     assert!(out.plan.delete_points.is_empty());
 }
+
+#[test]
+fn ranges_are_split_by_count_and_size() {
+    assert_eq!(
+        split_ranges(&[], 3, 100),
+        Vec::<std::ops::Range<usize>>::new()
+    );
+    assert_eq!(split_ranges(&[1; 7], 3, 100), vec![0..3, 3..6, 6..7]);
+    assert_eq!(split_ranges(&[40, 40, 40, 40], 10, 100), vec![0..2, 2..4]);
+    // An item larger than the budget goes alone.
+    assert_eq!(
+        split_ranges(&[10, 500, 10], 10, 100),
+        vec![0..1, 1..2, 2..3]
+    );
+}

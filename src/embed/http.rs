@@ -68,22 +68,8 @@ impl HttpEmbedder {
 
     /// Splits `texts` into requests by count and total characters.
     fn groups(&self, texts: &[String]) -> Vec<std::ops::Range<usize>> {
-        let mut groups = Vec::new();
-        let mut start = 0;
-        let mut chars = 0;
-        for (i, t) in texts.iter().enumerate() {
-            let n = t.chars().count();
-            if i > start && (i - start >= self.batch_size || chars + n > self.max_batch_chars) {
-                groups.push(start..i);
-                start = i;
-                chars = 0;
-            }
-            chars += n;
-        }
-        if start < texts.len() {
-            groups.push(start..texts.len());
-        }
-        groups
+        let chars: Vec<usize> = texts.iter().map(|t| t.chars().count()).collect();
+        crate::batch::split_ranges(&chars, self.batch_size, self.max_batch_chars)
     }
 
     async fn request(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, StageError> {

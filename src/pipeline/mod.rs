@@ -192,7 +192,7 @@ impl Pipeline {
     /// Runs `f` until it succeeds, retrying transient failures with exponential backoff and
     /// jitter, without limit, pausing intake meanwhile. Poison and fatal errors return at once.
     /// Not cancellable by itself: callers race it against the shutdown deadline.
-    pub async fn retry<T, F, Fut>(&self, stage: &'static str, f: F) -> Result<T, StageError>
+    pub async fn retry<T, F, Fut>(&self, stage: &'static str, mut f: F) -> Result<T, StageError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, StageError>>,
@@ -203,7 +203,6 @@ impl Pipeline {
             .with_jitter()
             .without_max_times();
         let metrics = &self.metrics;
-        let mut f = f;
         // The heartbeat (`/healthz`, the systemd watchdog) goes on through an outage: a beat
         // at each attempt and every second of each backoff wait. A call that hangs past its
         // timeout still stops it, which is what the watchdog is for.

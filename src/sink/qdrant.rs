@@ -31,7 +31,6 @@
 //! configuration. The compatibility check is skipped: it blocks and prints to stdout.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -46,7 +45,7 @@ use qdrant_client::{Payload, Qdrant, QdrantError};
 use serde_json::Value;
 
 use super::{Hit, Sink, StoredPoint, VECTOR_NAME, Write, sort_by_chunk};
-use crate::batch::{StoredState, stored_state};
+use crate::batch::{StoredState, split_ranges, stored_state};
 use crate::config::{SinkConfig, read_secret, redact_url};
 use crate::error::{ErrorKind, StageError};
 use crate::model::{DocumentKey, Row};
@@ -151,7 +150,7 @@ impl QdrantSink {
     ) -> Result<(), StageError> {
         let sizes: Vec<usize> = ops.iter().map(|(_, size)| *size).collect();
         let mut ops = ops.into_iter().map(|(op, _)| op);
-        for group in groups(&sizes, MAX_OPS, MAX_BYTES) {
+        for group in split_ranges(&sizes, MAX_OPS, MAX_BYTES) {
             let chunk: Vec<PointsUpdateOperation> = ops.by_ref().take(group.len()).collect();
             let response = self
                 .client
@@ -344,24 +343,6 @@ fn check_vector(
     )))
 }
 
-/// Splits items of the given estimated sizes into consecutive ranges of at most `max_items`
-/// items and `max_bytes` bytes (a larger item goes alone).
-fn groups(sizes: &[usize], max_items: usize, max_bytes: usize) -> Vec<Range<usize>> {
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, &size) in sizes.iter().enumerate() {
-        if i > start && (i - start == max_items || bytes + size > max_bytes) {
-            out.push(start..i);
-            (start, bytes) = (i, 0);
-        }
-        bytes += size;
-    }
-    if start < sizes.len() {
-        out.push(start..sizes.len());
-    }
-    out
-}
-
 /// Roughly the encoded size of a JSON value.
 fn approx_size(value: &Value) -> usize {
     match value {
@@ -525,15 +506,13 @@ impl Sink for QdrantSink {
                 64 + key.table.len() + key.key.len(),
             ));
         }
-        for group in groups(
-            &write
-                .markers
-                .iter()
-                .map(|m| 64 + row_size(&m.payload))
-                .collect::<Vec<_>>(),
-            MAX_POINTS,
-            MAX_BYTES,
-        ) {
+        let marker_sizes: Vec<usize> = write
+            .markers
+            .iter()
+            .map(|m| 64 + row_size(&m.payload))
+            .collect();
+        for group in split_ranges(&marker_sizes, MAX_POINTS, MAX_BYTES) {
+            let size = marker_sizes[group.clone()].iter().sum();
             let markers = &write.markers[group];
             let points = markers
                 .iter()
@@ -546,7 +525,6 @@ impl Sink for QdrantSink {
                     )
                 })
                 .collect();
-            let size = markers.iter().map(|m| 64 + row_size(&m.payload)).sum();
             removals.push((upsert_op(points), size));
         }
         for ids in write.delete_points.chunks(MAX_OPS * 8) {
@@ -562,7 +540,7 @@ impl Sink for QdrantSink {
             .iter()
             .map(|p| 64 + 4 * p.vector.len() + row_size(&p.payload))
             .collect();
-        for group in groups(&sizes, MAX_POINTS, MAX_BYTES) {
+        for group in split_ranges(&sizes, MAX_POINTS, MAX_BYTES) {
             let points: Vec<PointStruct> = write.upserts[group.clone()]
                 .iter()
                 .map(|p| {
@@ -808,15 +786,6 @@ mod tests {
             .unwrap_or_default();
         let back = json_payload(qdrant_payload(&row));
         assert!(back["u"].is_f64(), "{back:?}");
-    }
-
-    #[test]
-    fn writes_are_grouped_by_count_and_size() {
-        assert_eq!(groups(&[], 3, 100), Vec::<Range<usize>>::new());
-        assert_eq!(groups(&[1; 7], 3, 100), vec![0..3, 3..6, 6..7]);
-        assert_eq!(groups(&[40, 40, 40, 40], 10, 100), vec![0..2, 2..4]);
-        // An item larger than the budget goes alone.
-        assert_eq!(groups(&[10, 500, 10], 10, 100), vec![0..1, 1..2, 2..3]);
     }
 
     fn params(size: u64, distance: Distance) -> VectorParams {
