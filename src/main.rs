@@ -233,14 +233,20 @@ async fn run(config: Config) -> Result<ExitCode, StageError> {
     tracing::info!(provider = ?config.embedding.provider, dimensions = embedder.dimensions(), "embedder ready");
     let sink = sink::from_config(&config).await?;
 
-    let pipeline = pipeline::Pipeline {
-        config: config.clone(),
+    for hook in cdc_indexer::faults::armed_hooks() {
+        tracing::warn!(
+            hook,
+            "a test-only fault hook is armed; never set it in production"
+        );
+    }
+    let pipeline = pipeline::Pipeline::new(
+        config.clone(),
         rules,
-        embedder: embedder.clone(),
-        sink: sink.clone(),
-        metrics: metrics.clone(),
-        cancel: cancel.clone(),
-    };
+        embedder.clone(),
+        sink.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    );
     tokio::select! {
         r = pipeline.retry("sink", || sink.prepare(embedder.dimensions())) => r?,
         _ = cancel.cancelled() => {

@@ -37,6 +37,22 @@ pub struct Metrics {
     pub heartbeat: IntGauge,
     /// Messages in the main queue and the DLQ (polled).
     pub queue_messages: IntGaugeVec,
+    /// Deletes that arrived without their key (unwrap SMT default mode), by table.
+    pub unapplied_deletes: IntCounterVec,
+    /// Documents longer than `max_chunks`, indexed by their first chunks, by table.
+    pub documents_truncated: IntCounterVec,
+    /// Documents whose text rendered empty (no points, a marker), by table.
+    pub empty_documents: IntCounterVec,
+    /// Deliveries processed alone because they were in flight when the daemon last died.
+    pub isolated_deliveries: IntCounter,
+    /// Deliveries the broker had delivered before (returned by a restart or a lost channel).
+    pub redelivered: IntCounter,
+    /// Suspects the last crashes left (set at start).
+    pub crash_suspects: IntGauge,
+    /// 1 while the crash journal is usable.
+    pub crash_journal_ok: IntGauge,
+    /// Batches the index refused as a whole (then bisected).
+    pub write_rejections: IntCounter,
     pub health: Arc<Health>,
 }
 
@@ -184,6 +200,45 @@ impl Metrics {
                 "Unix time of the pipeline's last sign of life (a loop turn, a retry attempt or a second of backoff); /healthz and the systemd watchdog fail when it is older than their limit.",
             )?,
             queue_messages,
+            unapplied_deletes: counter_vec(
+                "unapplied_deletes_total",
+                "Deletes that arrived without their key (the unwrap SMT's default mode) and could not be applied, by table.",
+                &["table"],
+            )?,
+            documents_truncated: counter_vec(
+                "documents_truncated_total",
+                "Documents longer than their table's max_chunks, indexed by their first chunks, by table.",
+                &["table"],
+            )?,
+            empty_documents: counter_vec(
+                "empty_documents_total",
+                "Rows whose text rendered empty: no points, a marker keeps their fields, by table.",
+                &["table"],
+            )?,
+            isolated_deliveries: counter(
+                "isolated_deliveries_total",
+                "Deliveries processed alone because they were in flight when the daemon last died.",
+            )?,
+            redelivered: counter(
+                "redelivered_total",
+                "Deliveries the broker had delivered before: returned by a restart, a crash or a lost channel (each return counts against x-delivery-limit).",
+            )?,
+            crash_suspects: gauge(
+                "crash_suspects",
+                "Messages that were in flight when the daemon died and are processed alone when they come back (set at start).",
+            )?,
+            crash_journal_ok: {
+                let g = gauge(
+                    "crash_journal_ok",
+                    "1 while the crash journal (pipeline.state_dir) is usable.",
+                )?;
+                g.set(1);
+                g
+            },
+            write_rejections: counter(
+                "write_rejections_total",
+                "Batches the index refused as a whole (then written by halves to find the refused documents).",
+            )?,
             health: Arc::new(Health::default()),
             registry,
         })
