@@ -111,6 +111,8 @@ pub struct EventProcessed<'a> {
     /// `source.ts_ms`, for the lag.
     pub source_ts_ms: Option<i64>,
     pub acked_at_ms: i64,
+    /// How long it was in the daemon (delivery received → ack).
+    pub in_daemon: Duration,
 }
 
 impl InternalEvent for EventProcessed<'_> {
@@ -118,6 +120,8 @@ impl InternalEvent for EventProcessed<'_> {
         m.events_processed
             .with_label_values(&[self.table, self.op, self.outcome])
             .inc();
+        m.delivery_to_ack_seconds
+            .observe(self.in_daemon.as_secs_f64());
         if let Some(ts) = self.source_ts_ms {
             let lag = (self.acked_at_ms - ts).max(0) as f64 / 1000.0;
             m.lag_seconds.observe(lag);

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub write_seconds: Histogram,
     /// Delay from the database commit (`source.ts_ms`) to the ack.
     pub lag_seconds: Histogram,
+    /// Delay from a delivery's arrival at the daemon to its ack: the daemon's own share.
+    pub delivery_to_ack_seconds: Histogram,
     pub last_lag_seconds: prometheus::Gauge,
     pub points_written: IntCounter,
     pub texts_embedded: IntCounter,
@@ -82,6 +84,18 @@ impl Health {
         chrono::Utc::now().timestamp() - self.heartbeat.load(Ordering::Relaxed) <= max_silence_s
     }
 }
+
+/// Fine below one second (a p99 of 1 s must be readable), coarse beyond.
+const LAG_BUCKETS: [f64; 23] = [
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0,
+    10.0, 30.0, 60.0, 300.0, 1800.0,
+];
+
+/// The daemon's share: milliseconds matter.
+const SHARE_BUCKETS: [f64; 20] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0,
+    10.0, 30.0, 60.0,
+];
 
 fn buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
     prometheus::exponential_buckets(start, factor, count).unwrap_or_default()
@@ -173,7 +187,12 @@ impl Metrics {
             lag_seconds: histogram(
                 "lag_seconds",
                 "Delay from the database change (source.ts_ms) to its ack.",
-                buckets(0.05, 2.0, 16),
+                LAG_BUCKETS.to_vec(),
+            )?,
+            delivery_to_ack_seconds: histogram(
+                "delivery_to_ack_seconds",
+                "Delay from a delivery's arrival at the daemon to its ack: the daemon's own share of the lag.",
+                SHARE_BUCKETS.to_vec(),
             )?,
             last_lag_seconds,
             points_written: counter("points_written_total", "Points upserted into the index.")?,

@@ -38,6 +38,7 @@ pub(super) async fn process(
         mut fates,
         events,
         dead,
+        received,
         ..
     } = batch;
     let Some(last_tag) = deliveries.iter().map(|d| d.delivery_tag).max() else {
@@ -94,13 +95,14 @@ pub(super) async fn process(
         .map_err(|e| amqp_error("basic.ack", e))?;
 
     let now_ms = chrono::Utc::now().timestamp_millis();
-    for fate in &fates {
+    for (fate, at) in fates.iter().zip(&received) {
         EventProcessed {
             table: &fate.table,
             op: fate.op,
             outcome: fate.outcome,
             source_ts_ms: fate.source_ts_ms,
             acked_at_ms: now_ms,
+            in_daemon: at.elapsed(),
         }
         .emit(&p.metrics);
     }
