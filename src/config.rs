@@ -212,6 +212,9 @@ pub struct EmbeddingConfig {
     pub send_dimensions: bool,
     /// http: per-request timeout. Default 30000 ms.
     pub timeout_ms: u64,
+    /// http: most requests in flight at once. The number adapts between 1 and this to the
+    /// service's latency and back-pressure (429/503). Default 4.
+    pub max_in_flight: usize,
 }
 
 impl Default for EmbeddingConfig {
@@ -230,6 +233,7 @@ impl Default for EmbeddingConfig {
             api_key_file: None,
             send_dimensions: false,
             timeout_ms: 30_000,
+            max_in_flight: 4,
         }
     }
 }
@@ -412,6 +416,9 @@ impl Config {
         }
         if self.embedding.batch_size == 0 {
             return Err("embedding.batch_size: must be at least 1".into());
+        }
+        if self.embedding.max_in_flight == 0 {
+            return Err("embedding.max_in_flight: must be at least 1".into());
         }
         if self.embedding.dimensions == 0 {
             return Err("embedding.dimensions: must be at least 1".into());
