@@ -284,3 +284,85 @@ async fn sigterm_mid_batch_exits_cleanly_and_loses_nothing() {
     assert_products(&w, &[(1..=300, "v1"), (301..=400, "v2")]).await;
     w.cleanup().await;
 }
+
+fn upsert_event(table: &str, row: serde_json::Value, lsn: u64) -> Vec<u8> {
+    json!({"op": "c", "before": null, "after": row,
+        "source": {"name": "dbserver1", "schema": "public", "table": table, "lsn": lsn, "ts_ms": 1}})
+    .to_string()
+    .into_bytes()
+}
+
+/// Keys beyond 64 bits stay distinct documents; columns named like the index's own payload
+/// keys are kept (escaped); a long document is bounded and its row fields stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_columns_and_long_documents_keep_their_identity_and_size() {
+    let rules = r#"
+[[tables]]
+table = "public.wide"
+id_columns = ["id"]
+text = "{title}"
+[[tables]]
+table = "public.docs"
+id_columns = ["id"]
+text = "{body}"
+"#;
+    let w = World::new("identity", rules, "");
+    w.declare().await;
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    // Two NUMERIC(30) keys that one f64 would make equal.
+    for (i, id) in [
+        "123456789012345678901234567890",
+        "123456789012345678901234567891",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let body = format!(
+            r#"{{"op":"c","before":null,"after":{{"id":{id},"title":"row {i}","text":"a column called text","doc_id":7,"document_id":"d","ref_doc_id":"r"}},"source":{{"name":"dbserver1","schema":"public","table":"wide","lsn":{}}}}}"#,
+            10 + i
+        );
+        w.publish(&ch, "dbserver1.public.wide", body.as_bytes())
+            .await;
+    }
+    // A 200 KB text column.
+    let body = "lorem ipsum dolor sit amet ".repeat(8_000);
+    w.publish(
+        &ch,
+        "dbserver1.public.docs",
+        &upsert_event("docs", json!({"id": 1, "body": body, "extra": "x"}), 20),
+    )
+    .await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    d.wait_processed(3.0, Duration::from_secs(120));
+    let truncated = d.metric_sum("cdc_indexer_documents_truncated_total");
+    assert!(d.sigterm().success());
+    assert!(w.drain_dlq().await.is_empty(), "nothing dead-lettered");
+    let index = w.index().await;
+    assert_eq!(
+        index.count(Some("public.wide")).await,
+        2,
+        "two keys, two documents"
+    );
+    let doc = index
+        .doc("public.wide", r#"{"id":"123456789012345678901234567890"}"#)
+        .await;
+    assert_eq!(doc.len(), 1);
+    let payload = &doc[0].payload;
+    assert_eq!(payload["_col_text"], json!("a column called text"));
+    assert_eq!(payload["_col_doc_id"], json!(7));
+    assert_eq!(payload["text"], json!("row 0"));
+    let long = index.doc("public.docs", r#"{"id":1}"#).await;
+    assert_eq!(long.len(), 100, "bounded by max_chunks");
+    assert_eq!(truncated, 1.0, "and counted");
+    assert_eq!(long[0].payload["extra"], json!("x"));
+    assert!(
+        long[1..]
+            .iter()
+            .all(|p| p.payload.get("body").is_none() && p.payload.get("extra").is_none()),
+        "row fields are stored once, on chunk 0"
+    );
+    let _ = conn.close(200, "ok".into()).await;
+    w.cleanup().await;
+}

@@ -315,8 +315,18 @@ impl CrashGuard {
         self.journal.isolated = false;
     }
 
-    /// A clean stop: nothing is in flight.
+    /// A deliberate stop (clean, or fatal): nothing in flight is to blame — unless this
+    /// process crashed on the way (a panic in a worker thread turned into a fatal error):
+    /// then what was in flight stays charged for the next start.
     pub fn close(&mut self) {
+        let crashed = self
+            .path
+            .as_ref()
+            .and_then(|p| p.parent())
+            .is_some_and(|dir| dir.join(CRASH_MARKER).exists());
+        if crashed {
+            return;
+        }
         self.journal.in_flight.clear();
         self.journal.isolated = false;
         if self.path.is_some()

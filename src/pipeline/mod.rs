@@ -51,8 +51,10 @@ use crate::sink::Sink;
 use admit::{Admission, Fate};
 use crash_guard::{CrashGuard, MessageId, Verdict, message_id};
 
-/// The consumer tag of our one consumer.
+/// The consumer tag of our consumer: the prefetch window is set when a consumer starts, so
+/// opening it after the crash suspects means a second consumer (`cdc-indexer-wide`).
 const CONSUMER_TAG: &str = "cdc-indexer";
+const WIDE_CONSUMER_TAG: &str = "cdc-indexer-wide";
 
 pub struct Pipeline {
     pub config: Arc<Config>,
@@ -68,6 +70,8 @@ pub struct Pipeline {
     /// the window (`broker.prefetch`) at the first innocent delivery.
     narrow: std::sync::atomic::AtomicBool,
     widen: std::sync::atomic::AtomicBool,
+    /// The tag of the consumer in use this session.
+    consumer_tag: Mutex<&'static str>,
 }
 
 /// One broker session: a connection, the consuming channel, the dead-letter channel.
@@ -161,6 +165,7 @@ impl Pipeline {
             keyless_warned: Mutex::new(HashSet::new()),
             narrow: std::sync::atomic::AtomicBool::new(false),
             widen: std::sync::atomic::AtomicBool::new(false),
+            consumer_tag: Mutex::new(CONSUMER_TAG),
         }
     }
 
@@ -239,7 +244,7 @@ impl Pipeline {
         let consumer = channel
             .basic_consume(
                 self.config.topology.queue.as_str().into(),
-                CONSUMER_TAG.into(),
+                self.use_consumer_tag(CONSUMER_TAG).into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -354,9 +359,14 @@ impl Pipeline {
         ready: Option<Box<process::Prepared>>,
         draining: bool,
     ) -> Result<Step, StageError> {
+        let widen = !draining && self.widen.load(std::sync::atomic::Ordering::Relaxed);
         let Some(current) = ready else {
+            if widen {
+                // Nothing is in flight: open the window without another instance taking over
+                // deliveries we still hold.
+                self.widen_if_due(out.channel, consumer).await?;
+            }
             let (batch, intake) = self.collect(consumer, held, draining).await?;
-            self.widen_if_due(out.channel).await?;
             if batch.is_empty() {
                 return Ok(Step::Idle(intake));
             }
@@ -366,7 +376,7 @@ impl Pipeline {
             ))));
         };
         let ids = current.batch.ids.clone();
-        if current.batch.isolated {
+        if current.batch.isolated || widen {
             process::commit(self, out, *current).await?;
             self.lock_guard().end(&ids, true);
             return Ok(Step::Next(None));
@@ -374,7 +384,6 @@ impl Pipeline {
         let overlay = current.overlay();
         let next = async {
             let (batch, intake) = self.collect(consumer, held, draining).await?;
-            self.widen_if_due(out.channel).await?;
             if batch.is_empty() {
                 return Ok::<_, StageError>((Upcoming::Nothing, intake));
             }
@@ -406,19 +415,45 @@ impl Pipeline {
     }
 
     /// The suspects are behind us (an innocent delivery arrived): open the prefetch window.
-    async fn widen_if_due(&self, channel: &Channel) -> Result<(), StageError> {
+    /// RabbitMQ applies `basic.qos` to consumers started after it, so the narrow consumer is
+    /// cancelled (what it delivered stays ours to ack) and a wide one started.
+    async fn widen_if_due(
+        &self,
+        channel: &Channel,
+        consumer: &mut Consumer,
+    ) -> Result<(), StageError> {
         use std::sync::atomic::Ordering::Relaxed;
-        if self.widen.swap(false, Relaxed) && self.narrow.swap(false, Relaxed) {
-            channel
-                .basic_qos(self.config.broker.prefetch, BasicQosOptions::default())
-                .await
-                .map_err(|e| amqp_error("basic.qos", e))?;
-            tracing::debug!(
-                prefetch = self.config.broker.prefetch,
-                "crash suspects done; prefetch window open"
-            );
+        if !(self.widen.swap(false, Relaxed) && self.narrow.swap(false, Relaxed)) {
+            return Ok(());
         }
+        let narrow_tag = *self.consumer_tag.lock().unwrap_or_else(|e| e.into_inner());
+        channel
+            .basic_cancel(narrow_tag.into(), BasicCancelOptions::default())
+            .await
+            .map_err(|e| amqp_error("basic.cancel", e))?;
+        channel
+            .basic_qos(self.config.broker.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| amqp_error("basic.qos", e))?;
+        *consumer = channel
+            .basic_consume(
+                self.config.topology.queue.as_str().into(),
+                self.use_consumer_tag(WIDE_CONSUMER_TAG).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("basic.consume", e))?;
+        tracing::debug!(
+            prefetch = self.config.broker.prefetch,
+            "crash suspects done; prefetch window open"
+        );
         Ok(())
+    }
+
+    fn use_consumer_tag(&self, tag: &'static str) -> &'static str {
+        *self.consumer_tag.lock().unwrap_or_else(|e| e.into_inner()) = tag;
+        tag
     }
 
     /// Records a batch as in flight in the crash journal.
@@ -435,7 +470,8 @@ impl Pipeline {
             deadline_ms = deadline.as_millis() as u64,
             "stopping intake; finishing the deliveries already received"
         );
-        let cancel = channel.basic_cancel(CONSUMER_TAG.into(), BasicCancelOptions::default());
+        let tag = *self.consumer_tag.lock().unwrap_or_else(|e| e.into_inner());
+        let cancel = channel.basic_cancel(tag.into(), BasicCancelOptions::default());
         if let Err(e) = tokio::time::timeout_at(by, cancel)
             .await
             .map_err(|_| "timed out".to_string())
