@@ -23,7 +23,7 @@ mod admit;
 pub mod crash_guard;
 mod process;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -275,7 +275,7 @@ impl Pipeline {
         };
         let deadline = Duration::from_millis(self.config.pipeline.shutdown_deadline_ms);
         let mut stop_by: Option<tokio::time::Instant> = None;
-        let mut held: Option<Delivery> = None;
+        let mut held: VecDeque<Delivery> = VecDeque::new();
         let mut ready: Option<Box<process::Prepared>> = None;
         let mut idle_since = Some(Instant::now());
         let result = loop {
@@ -355,7 +355,7 @@ impl Pipeline {
         &self,
         out: &process::Outbox<'_>,
         consumer: &mut Consumer,
-        held: &mut Option<Delivery>,
+        held: &mut VecDeque<Delivery>,
         ready: Option<Box<process::Prepared>>,
         draining: bool,
     ) -> Result<Step, StageError> {
@@ -364,7 +364,7 @@ impl Pipeline {
             if widen {
                 // Nothing is in flight: open the window without another instance taking over
                 // deliveries we still hold.
-                self.widen_if_due(out.channel, consumer).await?;
+                self.widen_if_due(out.channel, consumer, held).await?;
             }
             let (batch, intake) = self.collect(consumer, held, draining).await?;
             if batch.is_empty() {
@@ -421,6 +421,7 @@ impl Pipeline {
         &self,
         channel: &Channel,
         consumer: &mut Consumer,
+        held: &mut VecDeque<Delivery>,
     ) -> Result<(), StageError> {
         use std::sync::atomic::Ordering::Relaxed;
         if !(self.widen.swap(false, Relaxed) && self.narrow.swap(false, Relaxed)) {
@@ -431,6 +432,15 @@ impl Pipeline {
             .basic_cancel(narrow_tag.into(), BasicCancelOptions::default())
             .await
             .map_err(|e| amqp_error("basic.cancel", e))?;
+        // What the narrow consumer was sent before the cancel is ours to process (and ack):
+        // never drop it with the consumer, or a later multiple-ack would ack it unseen.
+        while let Ok(item) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await
+        {
+            match next_delivery(item, true)? {
+                Some(d) => held.push_back(d),
+                None => break,
+            }
+        }
         channel
             .basic_qos(self.config.broker.prefetch, BasicQosOptions::default())
             .await
@@ -488,11 +498,12 @@ impl Pipeline {
 
     /// Collects the next batch. Waits for its first delivery up to 1 s (to keep the
     /// heartbeat going), then takes deliveries while they keep arriving (see the module
-    /// doc). `held` is a delivery that did not fit the previous batch.
+    /// doc). `held`: deliveries taken from the consumer but not yet batched (one that did not
+    /// fit the previous batch; those a replaced consumer still had), taken first.
     async fn collect(
         &self,
         consumer: &mut Consumer,
-        held: &mut Option<Delivery>,
+        held: &mut VecDeque<Delivery>,
         draining: bool,
     ) -> Result<(Batch, Intake), StageError> {
         let c = &self.config.pipeline;
@@ -506,7 +517,7 @@ impl Pipeline {
         } else {
             Duration::from_secs(1)
         };
-        let first = match held.take() {
+        let first = match held.pop_front() {
             Some(d) => Some(d),
             None => match tokio::time::timeout(first_wait, consumer.next()).await {
                 Err(_) if draining => return Ok((batch, Intake::Drained)),
@@ -534,7 +545,7 @@ impl Pipeline {
             }
             if verdict == Verdict::Isolate {
                 if !batch.is_empty() {
-                    *held = Some(d);
+                    held.push_front(d);
                     break;
                 }
                 DeliveryIsolated {
@@ -546,7 +557,7 @@ impl Pipeline {
                 break;
             }
             if !batch.is_empty() && bytes + d.data.len() > c.batch_max_bytes {
-                *held = Some(d);
+                held.push_front(d);
                 break;
             }
             bytes += d.data.len();
@@ -571,6 +582,10 @@ impl Pipeline {
             let now = tokio::time::Instant::now();
             if now >= until {
                 break;
+            }
+            if let Some(d) = held.pop_front() {
+                next = Some(d);
+                continue;
             }
             match tokio::time::timeout((until - now).min(idle), consumer.next()).await {
                 Err(_) => break, // ran dry: work on what is here now
