@@ -177,3 +177,19 @@ impl InternalEvent for BrokerSessionLost<'_> {
         tracing::warn!(error = %self.error, retry_in_ms = self.wait.as_millis() as u64, "broker session lost; reconnecting");
     }
 }
+
+/// A dead letter came back unroutable (`basic.return`): the DLX has no queue bound. The
+/// message it was for is not acked; the pipeline retries (intake paused, not ready).
+pub struct DeadLetterUnroutable<'a> {
+    pub exchange: &'a str,
+}
+
+impl InternalEvent for DeadLetterUnroutable<'_> {
+    fn emit(self, m: &Metrics) {
+        m.dead_letters_unroutable.inc();
+        tracing::error!(
+            exchange = self.exchange,
+            "dead letter unroutable: the dead-letter exchange has no queue bound; nothing is acked until it has one (run `cdc-indexer topology declare`)"
+        );
+    }
+}

@@ -221,7 +221,9 @@ fn admit(
         outcome: "dead_lettered",
         source_ts_ms: None,
     };
-    let event = match decode(&d.data, d.routing_key.as_str()) {
+    let routing_key =
+        crate::broker::routing_key_of(d.routing_key.as_str(), d.properties.headers().as_ref());
+    let event = match decode(&d.data, &routing_key) {
         Ok(Decoded::Change(event)) => *event,
         Ok(Decoded::Ignored(kind)) => {
             fate.op = kind.as_str();
