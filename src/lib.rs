@@ -19,5 +19,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod pipeline;
+pub mod preflight;
 pub mod search;
 pub mod sink;
+pub mod tls;
