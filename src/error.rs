@@ -219,6 +219,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn provider_bodies_are_cut_to_an_excerpt() {
+        assert_eq!(body_excerpt("  short  "), "short");
+        let row = format!(
+            "{{\"error\": \"bad input: {}\"}}",
+            "secret row value ".repeat(100)
+        );
+        let cut = body_excerpt(&row);
+        assert!(cut.len() < MAX_BODY_EXCERPT + 40, "{cut}");
+        assert!(cut.ends_with("more bytes)"), "{cut}");
+        let multibyte = "é".repeat(300);
+        assert!(body_excerpt(&multibyte).starts_with("éé"));
+    }
+
+    #[test]
+    fn a_rejected_certificate_is_found_behind_io_errors() {
+        let inner = rustls::Error::InvalidCertificate(rustls::CertificateError::Expired);
+        let io = std::io::Error::other(inner);
+        assert!(tls_rejection(&io).is_some_and(|w| w.contains("Expired")));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(tls_rejection(&refused).is_none());
+        let other = std::io::Error::other(rustls::Error::DecryptError);
+        assert!(tls_rejection(&other).is_none(), "not about certificates");
+    }
+
+    #[test]
     fn http_statuses_classify() {
         assert_eq!(
             StageError::from_http_status(400, "bad").kind,

@@ -169,8 +169,8 @@ pub fn routing_key_of(delivery_routing_key: &str, headers: Option<&FieldTable>) 
 /// **For the pipeline:** race the batch's work against `token.cancelled()`; when it fires,
 /// the deliveries in hand can no longer be acked (their channel is gone and the broker will
 /// redeliver them), so stop embedding and writing them, drop the session and reconnect. Call
-/// it right after [`connect`], once per session; the token also fires when the returned
-/// watcher task ends with the connection, so it never outlives a session unnoticed.
+/// it right after [`connect`], once per session. The token also fires when the connection's
+/// event stream ends; cancelling it yourself (at the end of a session) stops the watcher.
 pub fn watch_connection(
     connection: &Connection,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -180,11 +180,18 @@ pub fn watch_connection(
     let fired = token.clone();
     let mut events = Box::pin(connection.events_listener());
     tokio::spawn(async move {
-        while let Some(event) = events.next().await {
-            if let lapin::Event::Error(e) = event {
-                metrics.set_connected(false);
-                tracing::debug!(error = %e, "broker connection or channel closed");
-                break;
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(lapin::Event::Error(e)) => {
+                        metrics.set_connected(false);
+                        tracing::debug!(error = %e, "broker connection or channel closed");
+                        break;
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = fired.cancelled() => return,
             }
         }
         fired.cancel();
@@ -268,8 +275,15 @@ pub async fn poll_queue_depths(
                 }
             }
         }
+        // Until the first declare, look again soon: the first depths then follow within
+        // moments of the pipeline consuming.
+        let wait = if declared {
+            period
+        } else {
+            period.min(std::time::Duration::from_millis(200))
+        };
         tokio::select! {
-            _ = tokio::time::sleep(period) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = cancel.cancelled() => break,
         }
     }
