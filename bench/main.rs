@@ -238,9 +238,10 @@ async fn main() {
     } else {
         format!("path = \"{}\"", dir.path().join("index").display())
     };
+    let state = dir.path().join("state").display().to_string();
     let config_text = format!(
         "[broker]\nurl = \"{AMQP}\"\nprefetch = 1024\n[topology]\nexchange = \"{name}.ex\"\ndead_letter_exchange = \"{name}.dlx\"\ndead_letter_queue = \"{name}.dlq\"\nqueue = \"{name}.q\"\n\
-         [pipeline]\nbatch_max_events = 256\n[embedding]\nmodel_dir = \"{REPO}/.models/all-minilm-l6-v2\"\nonnxruntime_lib = \"{REPO}/.models/onnxruntime/libonnxruntime.so\"\n\
+         [pipeline]\nbatch_max_events = 256\nstate_dir = \"{state}\"\n[embedding]\nmodel_dir = \"{REPO}/.models/all-minilm-l6-v2\"\nonnxruntime_lib = \"{REPO}/.models/onnxruntime/libonnxruntime.so\"\n\
          [sink]\n{sink}\n[http]\nlisten = \"{http}\"\n[[tables]]\ntable = \"public.products\"\nid_columns = [\"id\"]\ntext = \"{{name}}\\n\\n{{description}}\"\n"
     );
     let config_path = dir.path().join("config.toml");
@@ -253,7 +254,7 @@ async fn main() {
         .map(|id| {
             let (name, description) = product(id);
             let row = json!({"id": id, "name": name, "description": description});
-            rule.document(row.as_object().expect("row"), &[])
+            rule.render(row.as_object().expect("row"))
                 .expect("doc")
                 .chunks
                 .concat()
@@ -264,7 +265,7 @@ async fn main() {
         .expect("embedder");
     let started = Instant::now();
     for chunk in texts.chunks(256) {
-        embedder.embed(chunk.to_vec()).await.expect("embed");
+        embedder.embed(chunk).await.expect("embed");
     }
     let embed_rate = n as f64 / started.elapsed().as_secs_f64();
     drop(embedder);

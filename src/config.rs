@@ -91,8 +91,11 @@ pub struct TopologyConfig {
     pub queue: String,
     /// `quorum` (default, replicated) or `classic`.
     pub queue_type: QueueType,
-    /// `x-delivery-limit` of a quorum queue: deliveries before the broker dead-letters a message
-    /// that keeps crashing the consumer. Default 5. Ignored for classic queues.
+    /// `x-delivery-limit` of a quorum queue: returns before the broker itself dead-letters a
+    /// message. RabbitMQ 3.x counts *every* return (each restart returns every prefetched
+    /// delivery), so this is only the last resort: the daemon's crash-loop guard
+    /// (`pipeline.crash_limit`) dead-letters a message that really crashes it long before.
+    /// Default 50. Ignored for classic queues.
     pub delivery_limit: u32,
     /// Binding patterns of the main queue on the exchange. Default `["dbserver1.public.#"]`.
     pub routing_patterns: Vec<String>,
@@ -106,7 +109,7 @@ impl Default for TopologyConfig {
             dead_letter_queue: "cdc-indexer.dlq".into(),
             queue: "cdc-indexer".into(),
             queue_type: QueueType::Quorum,
-            delivery_limit: 5,
+            delivery_limit: 50,
             routing_patterns: vec!["dbserver1.public.#".into()],
         }
     }
@@ -140,6 +143,21 @@ pub struct PipelineConfig {
     pub retry_initial_ms: u64,
     /// Cap of the retry backoff delay. Default 30000 ms.
     pub retry_max_ms: u64,
+    /// Close a batch at this many bytes of message bodies. Default 16777216 (16 MiB).
+    pub batch_max_bytes: usize,
+    /// Close a batch once it holds about this many texts (chunks) to embed, so no batch
+    /// outlives the shutdown deadline by much. Default 512.
+    pub batch_max_texts: usize,
+    /// Adaptive batching: once no further delivery has arrived for this long, the batch is
+    /// processed without waiting out `batch_max_wait_ms` (the prefetch buffer ran dry).
+    /// Default 5 ms.
+    pub batch_idle_ms: u64,
+    /// Directory of the crash journal (`in-flight.json`): which deliveries were being
+    /// processed, so that after a crash only those are suspects. Default `data/state`.
+    pub state_dir: PathBuf,
+    /// Times a delivery may crash the daemon while processed alone before the daemon
+    /// dead-letters it (kind `crash-loop`). Default 3.
+    pub crash_limit: u32,
 }
 
 impl Default for PipelineConfig {
@@ -151,6 +169,11 @@ impl Default for PipelineConfig {
             unknown_table: UnknownTable::Skip,
             retry_initial_ms: 500,
             retry_max_ms: 30_000,
+            batch_max_bytes: 16 << 20,
+            batch_max_texts: 512,
+            batch_idle_ms: 5,
+            state_dir: PathBuf::from("data/state"),
+            crash_limit: 3,
         }
     }
 }
@@ -353,12 +376,20 @@ pub struct TableRule {
     /// Characters shared by consecutive chunks. Default 100.
     #[serde(default = "default_chunk_overlap")]
     pub chunk_overlap: usize,
+    /// Most chunks one document is indexed with. A longer text is indexed by its first
+    /// `max_chunks` chunks (counted in `cdc_indexer_documents_truncated_total`); the row's
+    /// fields and the hash of the whole text are stored as usual. Default 100.
+    #[serde(default = "default_max_chunks")]
+    pub max_chunks: usize,
 }
 
 fn default_chunk_size() -> usize {
     1000
 }
 fn default_chunk_overlap() -> usize {
+    100
+}
+fn default_max_chunks() -> usize {
     100
 }
 
@@ -469,6 +500,14 @@ impl Config {
         if self.pipeline.batch_max_events == 0 {
             return Err("pipeline.batch_max_events: must be at least 1".into());
         }
+        if self.pipeline.batch_max_bytes == 0 || self.pipeline.batch_max_texts == 0 {
+            return Err(
+                "pipeline.batch_max_bytes / pipeline.batch_max_texts: must be at least 1".into(),
+            );
+        }
+        if self.pipeline.crash_limit == 0 {
+            return Err("pipeline.crash_limit: must be at least 1".into());
+        }
         if self.embedding.batch_size == 0 {
             return Err("embedding.batch_size: must be at least 1".into());
         }
@@ -507,6 +546,9 @@ impl Config {
             }
             if rule.chunk_size == 0 {
                 return Err(format!("{at}.chunk_size: must be at least 1"));
+            }
+            if rule.max_chunks == 0 {
+                return Err(format!("{at}.max_chunks: must be at least 1"));
             }
             if rule.chunk_overlap >= rule.chunk_size {
                 return Err(format!(

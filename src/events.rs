@@ -15,6 +15,8 @@ pub trait InternalEvent {
 pub struct EventReceived<'a> {
     pub table: &'a str,
     pub op: &'a str,
+    /// The broker delivered it before (it was returned: a restart, a lost channel).
+    pub redelivered: bool,
 }
 
 impl InternalEvent for EventReceived<'_> {
@@ -22,6 +24,9 @@ impl InternalEvent for EventReceived<'_> {
         m.events_received
             .with_label_values(&[self.table, self.op])
             .inc();
+        if self.redelivered {
+            m.redelivered.inc();
+        }
     }
 }
 
@@ -106,6 +111,8 @@ pub struct EventProcessed<'a> {
     /// `source.ts_ms`, for the lag.
     pub source_ts_ms: Option<i64>,
     pub acked_at_ms: i64,
+    /// How long it was in the daemon (delivery received → ack).
+    pub in_daemon: Duration,
 }
 
 impl InternalEvent for EventProcessed<'_> {
@@ -113,6 +120,8 @@ impl InternalEvent for EventProcessed<'_> {
         m.events_processed
             .with_label_values(&[self.table, self.op, self.outcome])
             .inc();
+        m.delivery_to_ack_seconds
+            .observe(self.in_daemon.as_secs_f64());
         if let Some(ts) = self.source_ts_ms {
             let lag = (self.acked_at_ms - ts).max(0) as f64 / 1000.0;
             m.lag_seconds.observe(lag);
@@ -191,5 +200,90 @@ impl InternalEvent for DeadLetterUnroutable<'_> {
             exchange = self.exchange,
             "dead letter unroutable: the dead-letter exchange has no queue bound; nothing is acked until it has one (run `cdc-indexer topology declare`)"
         );
+    }
+}
+
+/// A delete that lost its key (the unwrap SMT's default mode): it cannot be applied.
+pub struct KeylessDeleteSeen<'a> {
+    /// `schema.table` from the routing key (or the routing key itself).
+    pub table: &'a str,
+    /// The first one seen for this table since start: warn with the fix.
+    pub first: bool,
+}
+
+impl InternalEvent for KeylessDeleteSeen<'_> {
+    fn emit(self, m: &Metrics) {
+        m.unapplied_deletes.with_label_values(&[self.table]).inc();
+        if self.first {
+            tracing::warn!(
+                table = self.table,
+                "a delete arrived without its key (body `null` or a null payload: the unwrap SMT in its default mode), so the deleted row stays searchable; \
+                 set transforms.unwrap.delete.tombstone.handling.mode=rewrite in the connector (counted in cdc_indexer_unapplied_deletes_total; warned once per table)"
+            );
+        }
+    }
+}
+
+/// The crash journal cannot be used: every returned delivery is processed alone.
+pub struct CrashJournalUnavailable<'a> {
+    pub problem: &'a str,
+}
+
+impl InternalEvent for CrashJournalUnavailable<'_> {
+    fn emit(self, m: &Metrics) {
+        m.crash_journal_ok.set(0);
+        tracing::warn!(
+            problem = self.problem,
+            "crash journal unavailable (pipeline.state_dir): every redelivered message is processed alone, and only the broker's x-delivery-limit dead-letters a message that crashes the daemon"
+        );
+    }
+}
+
+/// A delivery that was in flight when the daemon last died is processed alone.
+pub struct DeliveryIsolated<'a> {
+    pub routing_key: &'a str,
+}
+
+impl InternalEvent for DeliveryIsolated<'_> {
+    fn emit(self, m: &Metrics) {
+        m.isolated_deliveries.inc();
+        tracing::debug!(
+            routing_key = self.routing_key,
+            "processing a delivery alone: it was in flight when the daemon last died"
+        );
+    }
+}
+
+/// A document whose text rendered empty: stored as a marker, nothing embedded.
+pub struct DocumentsEmpty<'a> {
+    pub table: &'a str,
+}
+
+impl InternalEvent for DocumentsEmpty<'_> {
+    fn emit(self, m: &Metrics) {
+        m.empty_documents.with_label_values(&[self.table]).inc();
+    }
+}
+
+/// A document longer than its table's `max_chunks`: indexed by its first chunks.
+pub struct DocumentsTruncated<'a> {
+    pub table: &'a str,
+}
+
+impl InternalEvent for DocumentsTruncated<'_> {
+    fn emit(self, m: &Metrics) {
+        m.documents_truncated.with_label_values(&[self.table]).inc();
+    }
+}
+
+/// The index refused a batch without naming a point: the batch is bisected.
+pub struct WriteRejected<'a> {
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl InternalEvent for WriteRejected<'_> {
+    fn emit(self, m: &Metrics) {
+        m.write_rejections.inc();
+        tracing::warn!(error = %self.error, "the index refused a batch; writing it by halves to find the documents it refuses");
     }
 }

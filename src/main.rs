@@ -295,14 +295,20 @@ async fn run(config: Config) -> Result<ExitCode, StageError> {
     tracing::info!(provider = ?config.embedding.provider, dimensions = embedder.dimensions(), "embedder ready");
     let sink = sink::from_config(&config).await?;
 
-    let pipeline = pipeline::Pipeline {
-        config: config.clone(),
+    for hook in cdc_indexer::faults::armed_hooks() {
+        tracing::warn!(
+            hook,
+            "a test-only fault hook is armed; never set it in production"
+        );
+    }
+    let pipeline = pipeline::Pipeline::new(
+        config.clone(),
         rules,
-        embedder: embedder.clone(),
-        sink: sink.clone(),
-        metrics: metrics.clone(),
-        cancel: cancel.clone(),
-    };
+        embedder.clone(),
+        sink.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    );
     let prepared = tokio::select! {
         r = pipeline.retry("sink", || sink.prepare(embedder.dimensions())) => Some(r),
         _ = cancel.cancelled() => None,
@@ -358,7 +364,8 @@ async fn embedder_idle(config: &Config, embedder: Arc<dyn embed::Embedder>) {
     if config.embedding.provider != cdc_indexer::config::EmbeddingProvider::Fastembed {
         return;
     }
-    let barrier = embedder.embed(vec![String::from(".")]);
+    let probe = [String::from(".")];
+    let barrier = embedder.embed(&probe);
     if tokio::time::timeout(std::time::Duration::from_secs(60), barrier)
         .await
         .is_err()

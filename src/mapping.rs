@@ -124,25 +124,57 @@ fn missing_column(column: &str, row: &Row) -> String {
     )
 }
 
-/// A row turned into a document, ready to embed.
+/// A document's text, rendered from a whole row and cut into chunks.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Document {
-    pub key: DocumentKey,
-    /// The full text, or `None` when a template column was not sent (unchanged TOAST): the
-    /// stored text and vectors stay.
-    pub text: Option<String>,
-    /// The text split into chunks (empty when `text` is `None`).
-    pub chunks: Vec<String>,
+pub struct Rendered {
+    /// The full text (`""` when the template renders to nothing).
+    pub text: String,
     /// Hash of the full text (`_cdc.hash`), to skip re-embedding unchanged text.
-    pub hash: Option<String>,
-    /// Row columns stored in the payload.
-    pub fields: Row,
+    pub hash: String,
+    /// The chunks to index: at most `max_chunks` of them (empty for an empty text).
+    pub chunks: Vec<String>,
+    /// The text was longer than `max_chunks` chunks: only the first part is indexed.
+    pub truncated: bool,
 }
 
 /// A mapping failure: poison for the event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct MappingError(pub String);
+
+/// Payload keys the index reserves for itself or for the LlamaIndex service. A source column
+/// with one of these names (or one that starts with [`ESCAPE_PREFIX`]) is stored under
+/// `_col_<name>`, so every column is kept and the stored payload is the same in every sink.
+pub const RESERVED_PAYLOAD_KEYS: [&str; 7] = [
+    "text",
+    "_cdc",
+    "doc_id",
+    "document_id",
+    "ref_doc_id",
+    "_node_content",
+    "_node_type",
+];
+
+/// Prefix of an escaped column name in the payload.
+pub const ESCAPE_PREFIX: &str = "_col_";
+
+/// The payload key of column `name`.
+pub fn payload_key(name: &str) -> std::borrow::Cow<'_, str> {
+    if RESERVED_PAYLOAD_KEYS.contains(&name) || name.starts_with(ESCAPE_PREFIX) {
+        std::borrow::Cow::Owned(format!("{ESCAPE_PREFIX}{name}"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
+/// The column of payload key `key`, or `None` for the index's own keys (`text`, `_cdc`, ...).
+pub fn column_of_payload_key(key: &str) -> Option<&str> {
+    match key.strip_prefix(ESCAPE_PREFIX) {
+        Some(column) => Some(column),
+        None if RESERVED_PAYLOAD_KEYS.contains(&key) => None,
+        None => Some(key),
+    }
+}
 
 /// A rule compiled once at start.
 #[derive(Debug, Clone)]
@@ -185,40 +217,77 @@ impl CompiledRule {
         })
     }
 
-    /// Builds the document for an upserted row. `unavailable` lists columns Debezium did not
-    /// send (unchanged TOAST).
-    pub fn document(&self, row: &Row, unavailable: &[String]) -> Result<Document, MappingError> {
-        let key = self.key(row)?;
-        let text_unavailable = self
+    /// Is `column` stored in the payload (by `include` / `exclude`)?
+    pub fn is_payload_column(&self, column: &str) -> bool {
+        (self.rule.include.is_empty() || self.rule.include.iter().any(|c| c == column))
+            && !self.rule.exclude.iter().any(|c| c == column)
+    }
+
+    /// Is `column` used by the text template?
+    pub fn is_template_column(&self, column: &str) -> bool {
+        self.template.columns().any(|c| c == column)
+    }
+
+    /// The columns of `row` the index keeps: payload columns and template columns. The rest
+    /// is dropped at once, so a batch holds only what it will write.
+    pub fn kept(&self, row: Row) -> Row {
+        row.into_iter()
+            .filter(|(k, _)| self.is_payload_column(k) || self.is_template_column(k))
+            .collect()
+    }
+
+    /// Template columns that `values` lacks.
+    pub fn missing_template_columns<'a>(&'a self, values: &Row) -> Vec<&'a str> {
+        let mut missing: Vec<&str> = self
             .template
             .columns()
-            .any(|c| unavailable.iter().any(|u| u == c));
-        let text =
-            if text_unavailable {
-                None
-            } else {
-                Some(self.template.render(row).map_err(|e| {
-                    MappingError(format!("{}: text template: {e}", self.rule.table))
-                })?)
-            };
-        let chunks = text
-            .as_deref()
-            .map(|t| chunk_text(t, self.rule.chunk_size, self.rule.chunk_overlap))
-            .unwrap_or_default();
-        Ok(Document {
-            key,
-            hash: text.as_deref().map(text_hash),
+            .filter(|c| !values.contains_key(*c))
+            .collect();
+        missing.dedup();
+        missing
+    }
+
+    /// Renders the document's text from a whole row (every template column present).
+    pub fn render(&self, values: &Row) -> Result<Rendered, MappingError> {
+        let text = self
+            .template
+            .render(values)
+            .map_err(|e| MappingError(format!("{}: text template: {e}", self.rule.table)))?;
+        let (chunks, truncated) = if text.is_empty() {
+            (Vec::new(), false)
+        } else {
+            chunk_text_bounded(
+                &text,
+                self.rule.chunk_size,
+                self.rule.chunk_overlap,
+                self.rule.max_chunks,
+            )
+        };
+        Ok(Rendered {
+            hash: text_hash(&text),
             text,
             chunks,
-            fields: self.payload_fields(row),
+            truncated,
         })
     }
 
-    fn payload_fields(&self, row: &Row) -> Row {
-        row.iter()
-            .filter(|(k, _)| self.rule.include.is_empty() || self.rule.include.contains(k))
-            .filter(|(k, _)| !self.rule.exclude.contains(k))
-            .filter(|(k, _)| k.as_str() != "text" && k.as_str() != "_cdc")
+    /// The payload fields of `values`: payload columns, under their (escaped) payload keys.
+    /// Nulls are values and are kept.
+    pub fn payload_fields(&self, values: &Row) -> Row {
+        values
+            .iter()
+            .filter(|(k, _)| self.is_payload_column(k))
+            .map(|(k, v)| (payload_key(k).into_owned(), v.clone()))
+            .collect()
+    }
+
+    /// Template columns that are not payload columns: the index keeps them in
+    /// `_cdc.hidden` (chunk 0) so a later event that does not send them (unchanged TOAST) can
+    /// still re-render the text.
+    pub fn hidden_fields(&self, values: &Row) -> Row {
+        values
+            .iter()
+            .filter(|(k, _)| self.is_template_column(k) && !self.is_payload_column(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
@@ -232,15 +301,28 @@ pub fn text_hash(text: &str) -> String {
 
 /// Splits `text` into chunks of at most `size` characters, consecutive chunks sharing
 /// `overlap` characters. Breaks at whitespace when one is in the second half of the window.
-/// An empty text gives one empty chunk, so every document has at least one point.
+/// An empty text gives one empty chunk.
 pub fn chunk_text(text: &str, size: usize, overlap: usize) -> Vec<String> {
+    chunk_text_bounded(text, size, overlap, usize::MAX).0
+}
+
+/// [`chunk_text`], stopping after `max_chunks` chunks; `true` when text was left out.
+pub fn chunk_text_bounded(
+    text: &str,
+    size: usize,
+    overlap: usize,
+    max_chunks: usize,
+) -> (Vec<String>, bool) {
     let chars: Vec<char> = text.chars().collect();
     if chars.len() <= size {
-        return vec![text.to_string()];
+        return (vec![text.to_string()], false);
     }
     let mut chunks = Vec::new();
     let mut start = 0;
     loop {
+        if chunks.len() == max_chunks {
+            return (chunks, true);
+        }
         let mut end = (start + size).min(chars.len());
         if end < chars.len()
             && let Some(ws) = (start + size / 2..end)
@@ -256,7 +338,7 @@ pub fn chunk_text(text: &str, size: usize, overlap: usize) -> Vec<String> {
         }
         start = end.saturating_sub(overlap).max(start + 1);
     }
-    chunks
+    (chunks, false)
 }
 
 #[cfg(test)]
@@ -273,6 +355,7 @@ mod tests {
             exclude: vec!["secret".into()],
             chunk_size: 40,
             chunk_overlap: 10,
+            max_chunks: 100,
         })
         .unwrap()
     }
@@ -294,7 +377,7 @@ mod tests {
     #[test]
     fn missing_template_column_names_the_columns_present() {
         let e = rule("{title}")
-            .document(&row(json!({"id": 1, "name": "x"})), &[])
+            .render(&row(json!({"id": 1, "name": "x"})))
             .unwrap_err();
         assert_eq!(
             e.0,
@@ -318,33 +401,59 @@ mod tests {
     }
 
     #[test]
-    fn payload_honours_include_and_exclude() {
+    fn payload_honours_include_and_exclude_and_escapes_reserved_names() {
         let mut r = rule("{name}");
-        let doc = r
-            .document(
-                &row(json!({"id": 1, "name": "n", "secret": "s", "text": "t"})),
-                &[],
-            )
-            .unwrap();
-        assert_eq!(doc.fields, row(json!({"id": 1, "name": "n"})));
+        let values = r.kept(row(
+            json!({"id": 1, "name": "n", "secret": "s", "text": "t", "_col_x": 1, "other": null}),
+        ));
+        assert_eq!(
+            r.payload_fields(&values),
+            row(json!({"id": 1, "name": "n", "_col_text": "t", "_col__col_x": 1, "other": null}))
+        );
+        assert!(
+            r.hidden_fields(&values).is_empty(),
+            "secret is not in the template"
+        );
         r.rule.include = vec!["name".into()];
-        let doc = r
-            .document(&row(json!({"id": 1, "name": "n"})), &[])
-            .unwrap();
-        assert_eq!(doc.fields, row(json!({"name": "n"})));
+        assert_eq!(r.payload_fields(&values), row(json!({"name": "n"})));
+        for column in ["text", "_cdc", "doc_id", "_col_x", "plain"] {
+            let key = payload_key(column);
+            assert_eq!(column_of_payload_key(&key), Some(column), "{column}");
+        }
+        assert_eq!(column_of_payload_key("text"), None);
+        assert_eq!(column_of_payload_key("_cdc"), None);
     }
 
     #[test]
-    fn unavailable_template_column_keeps_the_stored_text() {
-        let doc = rule("{name} {big}")
-            .document(&row(json!({"id": 1, "name": "n"})), &["big".into()])
-            .unwrap();
-        assert_eq!(doc.text, None);
-        assert!(doc.chunks.is_empty());
-        let doc = rule("{name}")
-            .document(&row(json!({"id": 1, "name": "n"})), &["big".into()])
-            .unwrap();
-        assert_eq!(doc.text.as_deref(), Some("n"));
+    fn template_columns_outside_the_payload_are_kept_hidden() {
+        let mut r = rule("{name} {secret}");
+        r.rule.include = vec!["id".into(), "name".into()];
+        let values = r.kept(row(
+            json!({"id": 1, "name": "n", "secret": "s", "unused": 1}),
+        ));
+        assert!(
+            !values.contains_key("unused"),
+            "neither payload nor template"
+        );
+        assert_eq!(r.hidden_fields(&values), row(json!({"secret": "s"})));
+        assert!(!r.payload_fields(&values).contains_key("secret"));
+        assert_eq!(
+            r.missing_template_columns(&row(json!({"name": "n"}))),
+            vec!["secret"]
+        );
+    }
+
+    #[test]
+    fn render_hashes_the_whole_text_and_bounds_the_chunks() {
+        let mut r = rule("{name}");
+        r.rule.max_chunks = 2;
+        let long = "word ".repeat(100);
+        let out = r.render(&row(json!({"name": long}))).unwrap();
+        assert_eq!(out.chunks.len(), 2);
+        assert!(out.truncated);
+        assert_eq!(out.hash, text_hash(long.trim()));
+        let empty = r.render(&row(json!({"name": null}))).unwrap();
+        assert!(empty.chunks.is_empty() && empty.text.is_empty());
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub write_seconds: Histogram,
     /// Delay from the database commit (`source.ts_ms`) to the ack.
     pub lag_seconds: Histogram,
+    /// Delay from a delivery's arrival at the daemon to its ack: the daemon's own share.
+    pub delivery_to_ack_seconds: Histogram,
     pub last_lag_seconds: prometheus::Gauge,
     pub points_written: IntCounter,
     pub texts_embedded: IntCounter,
@@ -39,6 +41,22 @@ pub struct Metrics {
     pub queue_messages: IntGaugeVec,
     /// Dead letters the broker returned as unroutable (the DLX has no queue bound).
     pub dead_letters_unroutable: IntCounter,
+    /// Deletes that arrived without their key (unwrap SMT default mode), by table.
+    pub unapplied_deletes: IntCounterVec,
+    /// Documents longer than `max_chunks`, indexed by their first chunks, by table.
+    pub documents_truncated: IntCounterVec,
+    /// Documents whose text rendered empty (no points, a marker), by table.
+    pub empty_documents: IntCounterVec,
+    /// Deliveries processed alone because they were in flight when the daemon last died.
+    pub isolated_deliveries: IntCounter,
+    /// Deliveries the broker had delivered before (returned by a restart or a lost channel).
+    pub redelivered: IntCounter,
+    /// Suspects the last crashes left (set at start).
+    pub crash_suspects: IntGauge,
+    /// 1 while the crash journal is usable.
+    pub crash_journal_ok: IntGauge,
+    /// Batches the index refused as a whole (then bisected).
+    pub write_rejections: IntCounter,
     pub health: Arc<Health>,
 }
 
@@ -107,6 +125,18 @@ impl Health {
         silence_ms <= limit_ms
     }
 }
+
+/// Fine below one second (a p99 of 1 s must be readable), coarse beyond.
+const LAG_BUCKETS: [f64; 23] = [
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0,
+    10.0, 30.0, 60.0, 300.0, 1800.0,
+];
+
+/// The daemon's share: milliseconds matter.
+const SHARE_BUCKETS: [f64; 20] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0,
+    10.0, 30.0, 60.0,
+];
 
 fn buckets(start: f64, factor: f64, count: usize) -> Vec<f64> {
     prometheus::exponential_buckets(start, factor, count).unwrap_or_default()
@@ -198,7 +228,12 @@ impl Metrics {
             lag_seconds: histogram(
                 "lag_seconds",
                 "Delay from the database change (source.ts_ms) to its ack.",
-                buckets(0.05, 2.0, 16),
+                LAG_BUCKETS.to_vec(),
+            )?,
+            delivery_to_ack_seconds: histogram(
+                "delivery_to_ack_seconds",
+                "Delay from a delivery's arrival at the daemon to its ack: the daemon's own share of the lag.",
+                SHARE_BUCKETS.to_vec(),
             )?,
             last_lag_seconds,
             points_written: counter("points_written_total", "Points upserted into the index.")?,
@@ -228,6 +263,45 @@ impl Metrics {
             dead_letters_unroutable: counter(
                 "dead_letters_unroutable_total",
                 "Dead letters the broker returned as unroutable: the dead-letter exchange has no queue bound.",
+            )?,
+            unapplied_deletes: counter_vec(
+                "unapplied_deletes_total",
+                "Deletes that arrived without their key (the unwrap SMT's default mode) and could not be applied, by table.",
+                &["table"],
+            )?,
+            documents_truncated: counter_vec(
+                "documents_truncated_total",
+                "Documents longer than their table's max_chunks, indexed by their first chunks, by table.",
+                &["table"],
+            )?,
+            empty_documents: counter_vec(
+                "empty_documents_total",
+                "Rows whose text rendered empty: no points, a marker keeps their fields, by table.",
+                &["table"],
+            )?,
+            isolated_deliveries: counter(
+                "isolated_deliveries_total",
+                "Deliveries processed alone because they were in flight when the daemon last died.",
+            )?,
+            redelivered: counter(
+                "redelivered_total",
+                "Deliveries the broker had delivered before: returned by a restart, a crash or a lost channel (each return counts against x-delivery-limit).",
+            )?,
+            crash_suspects: gauge(
+                "crash_suspects",
+                "Messages that were in flight when the daemon died and are processed alone when they come back (set at start).",
+            )?,
+            crash_journal_ok: {
+                let g = gauge(
+                    "crash_journal_ok",
+                    "1 while the crash journal (pipeline.state_dir) is usable.",
+                )?;
+                g.set(1);
+                g
+            },
+            write_rejections: counter(
+                "write_rejections_total",
+                "Batches the index refused as a whole (then written by halves to find the refused documents).",
             )?,
             health: Arc::new(Health::default()),
             registry,

@@ -154,8 +154,12 @@ pub struct ChangeEvent {
 /// Why a message carries no change to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ignored {
-    /// A tombstone (`default`, empty, `null`, or payload null) that follows a delete.
+    /// A tombstone (body `default` or empty) that follows a delete.
     Tombstone,
+    /// A delete that lost its key: the unwrap SMT's default mode turns a delete into a body
+    /// `null` (or `{"schema":…,"payload":null}`). It cannot be applied; see
+    /// `delete.tombstone.handling.mode=rewrite`.
+    KeylessDelete,
     /// A logical decoding message (`op: m`).
     LogicalMessage,
     /// Transaction metadata (BEGIN/END).
@@ -170,6 +174,7 @@ impl Ignored {
     pub fn as_str(self) -> &'static str {
         match self {
             Ignored::Tombstone => "tombstone",
+            Ignored::KeylessDelete => "keyless-delete",
             Ignored::LogicalMessage => "message",
             Ignored::Transaction => "transaction",
             Ignored::Heartbeat => "heartbeat",
@@ -196,7 +201,23 @@ impl fmt::Display for DocumentKey {
 const POINT_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x6c1f_6a0e_3b4d_5e2f_9a8b_7c6d_5e4f_3a2b);
 
+/// The `_cdc.key` of a table's truncate marker: no document key is an empty string.
+pub const TABLE_MARKER_KEY: &str = "";
+
 impl DocumentKey {
+    /// The key under which a table's truncate marker (its table-level position) is stored.
+    pub fn table_marker(table: &str) -> DocumentKey {
+        DocumentKey {
+            table: table.to_string(),
+            key: TABLE_MARKER_KEY.to_string(),
+        }
+    }
+
+    /// Is this the key of a table's truncate marker?
+    pub fn is_table_marker(&self) -> bool {
+        self.key == TABLE_MARKER_KEY
+    }
+
     /// The point id of chunk `chunk`: UUIDv5 over `table 0x1f key 0x1f chunk`. Deterministic,
     /// so replays overwrite instead of duplicating.
     pub fn point_id(&self, chunk: usize) -> uuid::Uuid {

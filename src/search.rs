@@ -4,10 +4,12 @@ use serde_json::{Value, json};
 
 use crate::embed::Embedder;
 use crate::error::StageError;
+use crate::mapping::column_of_payload_key;
 use crate::sink::Sink;
 
 /// Embeds `text` and returns up to `limit` hits as JSON objects
-/// (`score`, `table`, `key`, `chunk`, `text`, `fields`).
+/// (`score`, `table`, `key`, `chunk`, `text`, `fields`: the row's payload columns, joined in
+/// from the document's chunk 0).
 pub async fn run(
     embedder: &dyn Embedder,
     sink: &dyn Sink,
@@ -15,17 +17,22 @@ pub async fn run(
     table: Option<&str>,
     limit: usize,
 ) -> Result<Vec<Value>, StageError> {
-    let mut vectors = embedder.embed(vec![text.to_string()]).await?;
+    let mut vectors = embedder.embed(&[text.to_string()]).await?;
     let vector = vectors
         .pop()
         .ok_or_else(|| StageError::transient("the embedder returned no vector"))?;
-    let hits = sink.search(vector, table, limit).await?;
+    let hits = crate::sink::search_with_fields(sink, vector, table, limit).await?;
     Ok(hits
         .into_iter()
         .map(|hit| {
-            let mut fields = hit.payload.clone();
-            let cdc = fields.remove("_cdc").unwrap_or(Value::Null);
-            let text = fields.remove("text").unwrap_or(Value::Null);
+            let cdc = hit.payload.get("_cdc").cloned().unwrap_or(Value::Null);
+            let text = hit.payload.get("text").cloned().unwrap_or(Value::Null);
+            // Row fields by column name (reserved names are stored escaped).
+            let fields: serde_json::Map<String, Value> = hit
+                .payload
+                .iter()
+                .filter_map(|(k, v)| column_of_payload_key(k).map(|c| (c.to_string(), v.clone())))
+                .collect();
             json!({
                 "score": hit.score,
                 "table": cdc.get("table"),

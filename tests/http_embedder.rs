@@ -46,7 +46,7 @@ async fn http_provider_matches_the_local_model_and_isolates_a_rejected_input() {
     .map(|s| s.to_string())
     .collect();
     // Six texts in requests of four: order must survive the split.
-    let remote = http.embed(texts.clone()).await.expect("embed");
+    let remote = http.embed(&texts).await.expect("embed");
     assert_eq!(remote.len(), 6);
     let local = cdc_indexer::embed::from_config(&EmbeddingConfig {
         model_dir: format!("{REPO}/.models/all-minilm-l6-v2").into(),
@@ -55,7 +55,7 @@ async fn http_provider_matches_the_local_model_and_isolates_a_rejected_input() {
     })
     .await
     .expect("local");
-    let local = local.embed(texts.clone()).await.expect("local embed");
+    let local = local.embed(&texts).await.expect("local embed");
     for (i, (r, l)) in remote.iter().zip(&local).enumerate() {
         let c = cosine(r, l);
         assert!(
@@ -68,7 +68,7 @@ async fn http_provider_matches_the_local_model_and_isolates_a_rejected_input() {
     // The service rejects an empty input: bisection finds it, index 4 of 6.
     let mut bad = texts.clone();
     bad[4] = String::new();
-    let err = http.embed(bad).await.expect_err("rejected");
+    let err = http.embed(&bad).await.expect_err("rejected");
     assert_eq!(err.kind, ErrorKind::Poison, "{err}");
     assert_eq!(err.item, Some(4), "{err}");
 
@@ -79,7 +79,11 @@ async fn http_provider_matches_the_local_model_and_isolates_a_rejected_input() {
     })
     .expect("embedder");
     assert_eq!(
-        wrong.embed(vec!["x".into()]).await.expect_err("size").kind,
+        wrong
+            .embed(&["x".to_string()])
+            .await
+            .expect_err("size")
+            .kind,
         ErrorKind::Fatal
     );
 }
@@ -179,7 +183,7 @@ async fn rate_limits_are_waited_out_as_retry_after_says() {
     let http = HttpEmbedder::new(&http_config(&format!("http://{addr}/v1"))).expect("embedder");
     let started = Instant::now();
     let vectors = http
-        .embed(vec!["a tent".into()])
+        .embed(&["a tent".to_string()])
         .await
         .expect("embedded after the wait");
     let waited = started.elapsed();

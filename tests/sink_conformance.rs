@@ -9,8 +9,10 @@ use cdc_indexer::config::{SinkConfig, SinkKind};
 use cdc_indexer::error::ErrorKind;
 use cdc_indexer::model::DocumentKey;
 use cdc_indexer::sink::{Point, Sink, Write};
+use cdc_indexer::stored::StoredKind;
 use common::*;
 use serde_json::{Value, json};
+use std::sync::Arc;
 
 const T: &str = "public.products";
 const OTHER: &str = "public.other";
@@ -81,7 +83,7 @@ async fn conformance(sink: &dyn Sink) {
         ],
         ..Write::default()
     };
-    sink.write(&write)
+    sink.write(Arc::new(write.clone()))
         .await
         .unwrap_or_else(|e| panic!("{name}: write: {e}"));
     assert_eq!(sink.count(None).await.expect("count"), 5, "{name}");
@@ -107,7 +109,7 @@ async fn conformance(sink: &dyn Sink) {
     assert_eq!(stored[0].payload["_cdc"]["table"], json!(T), "{name}");
 
     // Idempotent: the same write again changes nothing.
-    sink.write(&write).await.expect("rewrite");
+    sink.write(Arc::new(write)).await.expect("rewrite");
     assert_eq!(
         sink.count(None).await.expect("count"),
         5,
@@ -126,7 +128,7 @@ async fn conformance(sink: &dyn Sink) {
         states[&a].position.as_ref().map(|p| p.connector.as_str()),
         Some("dbserver1")
     );
-    assert_eq!(states[&b].fields["name"], json!("beta"), "{name}");
+    assert_eq!(states[&b].values["name"], json!("beta"), "{name}");
 
     // Search: nearest to A's first chunk is A; the table filter keeps the other table out.
     let hits = sink.search(vector(0), None, 3).await.expect("search");
@@ -148,7 +150,7 @@ async fn conformance(sink: &dyn Sink) {
 
     // A shrinks to one chunk (surplus deleted); B's payload changes but not its vector.
     let mut b_payload = point(&b, 0, 1, 10, "beta v2").payload;
-    b_payload.remove("text");
+    b_payload.insert("gone".into(), Value::Null);
     let write = Write {
         delete_points: vec![a.point_id(1), a.point_id(2)],
         upserts: vec![point(&a, 0, 1, 0, "alpha v2")],
@@ -158,7 +160,7 @@ async fn conformance(sink: &dyn Sink) {
         }],
         ..Write::default()
     };
-    sink.write(&write).await.expect("write 2");
+    sink.write(Arc::new(write)).await.expect("write 2");
     let stored = sink.fetch(&a).await.expect("fetch");
     assert_eq!(stored.len(), 1, "{name}: surplus chunks removed");
     assert_eq!(stored[0].payload["name"], json!("alpha v2"));
@@ -167,6 +169,11 @@ async fn conformance(sink: &dyn Sink) {
         stored[0].payload["name"],
         json!("beta v2"),
         "{name}: payload updated"
+    );
+    assert_eq!(
+        stored[0].payload.get("gone"),
+        Some(&Value::Null),
+        "{name}: a payload write keeps nulls, as an upsert does"
     );
     let hits = sink.search(vector(10), Some(T), 1).await.expect("search");
     assert_eq!(
@@ -177,16 +184,27 @@ async fn conformance(sink: &dyn Sink) {
 
     // Delete B (with its marker), truncate the other table.
     let marker_payload = json!({"_cdc": {"table": T, "key": b.key, "chunk": 0, "chunks": 0, "deleted": true, "position": {"connector": "dbserver1", "lsn": 900}}});
+    let empty_payload = json!({"id": 3, "name": null, "_cdc": {"table": T, "key": c.key, "chunk": 0, "chunks": 0, "empty": true, "hash": "e", "position": {"connector": "dbserver1", "lsn": 901}}});
     let write = Write {
         truncate_tables: vec![OTHER.into()],
-        delete_keys: vec![b.clone()],
-        markers: vec![PayloadWrite {
-            id: b.point_id(0),
-            payload: marker_payload.as_object().cloned().unwrap_or_default(),
+        table_markers: vec![PayloadWrite {
+            id: DocumentKey::table_marker(OTHER).point_id(0),
+            payload: cdc_indexer::stored::truncate_payload(OTHER, None, None),
         }],
+        delete_keys: vec![b.clone()],
+        markers: vec![
+            PayloadWrite {
+                id: b.point_id(0),
+                payload: marker_payload.as_object().cloned().unwrap_or_default(),
+            },
+            PayloadWrite {
+                id: c.point_id(0),
+                payload: empty_payload.as_object().cloned().unwrap_or_default(),
+            },
+        ],
         ..Write::default()
     };
-    sink.write(&write).await.expect("write 3");
+    sink.write(Arc::new(write)).await.expect("write 3");
     assert!(
         sink.fetch(&b).await.expect("fetch").is_empty(),
         "{name}: B deleted"
@@ -207,6 +225,48 @@ async fn conformance(sink: &dyn Sink) {
             .all(|h| h.payload["_cdc"]["key"] != json!(b.key)),
         "{name}: deleted B not found"
     );
+    assert!(
+        sink.fetch(&c).await.expect("fetch").is_empty(),
+        "{name}: an empty document is not a document"
+    );
+
+    // Row fields live on chunk 0 only; a hit on another chunk gets them joined in.
+    let write = Write {
+        delete_points: vec![],
+        upserts: vec![
+            Point {
+                payload: cdc_indexer::stored::chunk_payload(
+                    &a,
+                    1,
+                    2,
+                    "hash-a3",
+                    "alpha v3 chunk 1",
+                ),
+                ..point(&a, 1, 2, 5, "alpha v3")
+            },
+            point(&a, 0, 2, 0, "alpha v3"),
+        ],
+        ..Write::default()
+    };
+    sink.write(Arc::new(write)).await.expect("write 4");
+    let hits = cdc_indexer::sink::search_with_fields(sink, vector(5), Some(T), 1)
+        .await
+        .expect("search");
+    assert_eq!(
+        hits[0].payload["_cdc"]["chunk"],
+        json!(1),
+        "{name}: {hits:?}"
+    );
+    assert_eq!(
+        hits[0].payload["name"],
+        json!("alpha v3"),
+        "{name}: fields joined"
+    );
+    assert_eq!(
+        hits[0].payload["text"],
+        json!("alpha v3 chunk 1"),
+        "{name}: its own text"
+    );
     println!("sink conformance: {name} passed");
 }
 
@@ -218,7 +278,7 @@ async fn embedded_sink_conforms() {
     conformance(&sink).await;
     // The marker of B keeps its position for the stale-write guard.
     let states = sink.read_states(&[key(T, 2)]).await.expect("states");
-    assert!(states[&key(T, 2)].deleted);
+    assert_eq!(states[&key(T, 2)].kind, StoredKind::Deleted);
     // A second opener of the same directory is refused while the first holds it.
     let second =
         cdc_indexer::sink::embedded::EmbeddedSink::open(&dir.path().join("index")).expect("open");

@@ -428,14 +428,14 @@ async fn https_embedder_and_llamaindex_sink_trust_the_custom_ca_and_refuse_anoth
     let embedder = cdc_indexer::embed::http::HttpEmbedder::new(&config).expect("embedder");
     use cdc_indexer::embed::Embedder;
     let vectors = embedder
-        .embed(vec!["a tent".into()])
+        .embed(&["a tent".to_string()])
         .await
         .expect("https embed");
     assert_eq!(vectors[0].len(), 384);
     config.tls_ca_file = Some(pki.other_ca.clone());
     let embedder = cdc_indexer::embed::http::HttpEmbedder::new(&config).expect("embedder");
     let err = embedder
-        .embed(vec!["a tent".into()])
+        .embed(&["a tent".to_string()])
         .await
         .expect_err("another CA");
     assert_eq!(err.kind, ErrorKind::Fatal, "{err}");

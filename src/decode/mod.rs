@@ -12,8 +12,19 @@
 //!    metadata columns `__op`, `__table`, `__deleted`, `__lsn`, `__source_ts_ms`, ... —
 //!    possibly inside a `{schema, payload}` wrapper too.
 //!
-//! A *tombstone* (body `default`, empty, `null`, or payload `null`) follows every delete so
-//! that Kafka can compact the key away. It carries nothing for us.
+//! A *tombstone* (body `default` or empty: Debezium Server's `null.value` for a record whose
+//! value and value schema are both null) follows every delete so that Kafka can compact the key
+//! away. It carries nothing for us. A body `null`, or `{"schema": {...}, "payload": null}`, is
+//! different: that is what the unwrap SMT makes of a *delete* in its default mode
+//! (`delete.tombstone.handling.mode=tombstone`). The key it deleted is not in the body, so it
+//! cannot be applied; we say so ([`Ignored::KeylessDelete`]) instead of calling it a tombstone.
+//!
+//! Transaction metadata, heartbeats and schema changes are recognised by their topic (the
+//! routing key) or their schema name, never by the columns of a row: a user table may well have
+//! columns called `status`, `id` and `event_count`, or `ddl`.
+//!
+//! Integers that do not fit in 64 bits (NUMERIC keys, `BIGINT UNSIGNED`) are read as their
+//! exact decimal text, a JSON string, so that two keys never collapse into one `f64`.
 //!
 //! Anything we cannot read is a [`DecodeError`]: the pipeline dead-letters the message with
 //! the error as the reason. Decoding never panics on input.
@@ -51,13 +62,13 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Decoded, DecodeError> {
         Ok(t) => t.trim(),
         Err(e) => return fail(format!("body is not UTF-8: {e}")),
     };
-    if text.is_empty() || text == "default" || text == "null" {
+    if text.is_empty() || text == "default" {
         return Ok(Decoded::Ignored(Ignored::Tombstone));
     }
-    let value: Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(e) => return fail(format!("body is not JSON: {e}")),
-    };
+    if text == "null" {
+        return Ok(Decoded::Ignored(Ignored::KeylessDelete));
+    }
+    let value = parse_json(text).map_err(|e| DecodeError(format!("body is not JSON: {e}")))?;
     let Value::Object(object) = value else {
         return fail("body is JSON but not an object");
     };
@@ -65,19 +76,106 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Decoded, DecodeError> {
     // Shape 1 (or an unwrapped row with schema): exactly {schema, payload}.
     let (payload, schema) = match split_envelope(object) {
         Envelope::WithSchema { payload, schema } => match payload {
-            Value::Null => return Ok(Decoded::Ignored(Ignored::Tombstone)),
+            Value::Null => return Ok(Decoded::Ignored(Ignored::KeylessDelete)),
             Value::Object(p) => (p, Some(schema)),
             _ => return fail("`payload` is neither an object nor null"),
         },
         Envelope::Bare(object) => (object, None),
     };
 
-    if is_debezium_envelope(&payload) {
+    let envelope = is_debezium_envelope(&payload);
+    if let Some(ignored) = classify_metadata(schema.as_ref(), routing_key, envelope, &payload) {
+        return Ok(Decoded::Ignored(ignored));
+    }
+    if envelope {
         decode_envelope(payload, schema.as_ref(), routing_key)
-    } else if let Some(ignored) = classify_non_row(&payload) {
-        Ok(Decoded::Ignored(ignored))
     } else {
         decode_unwrapped(payload, schema.as_ref(), routing_key)
+    }
+}
+
+/// The record key of a `__debezium.oldkey` / `__debezium.newkey` header (a primary-key change):
+/// the key's JSON, with its `{schema, payload}` wrapper when key schemas are on.
+pub fn decode_key_header(text: &str) -> Result<Row, DecodeError> {
+    let value =
+        parse_json(text.trim()).map_err(|e| DecodeError(format!("key header is not JSON: {e}")))?;
+    let Value::Object(object) = value else {
+        return fail("key header is not a JSON object");
+    };
+    match split_envelope(object) {
+        Envelope::WithSchema {
+            payload: Value::Object(key),
+            ..
+        } => Ok(key),
+        Envelope::WithSchema { .. } => fail("key header has no key object in `payload`"),
+        Envelope::Bare(key) => Ok(key),
+    }
+}
+
+/// Parses JSON, keeping integers beyond 64 bits exact (as decimal text).
+fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
+    serde_json::from_str(&quote_wide_integers(text))
+}
+
+/// Puts quotes around every integer literal outside strings that does not fit in an `i64`, so
+/// that serde reads it as its exact text instead of an `f64` (`123456789012345678901234567890`
+/// and `…891` would otherwise be one number). Everything else is left byte for byte.
+fn quote_wide_integers(text: &str) -> std::borrow::Cow<'_, str> {
+    let bytes = text.as_bytes();
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    let mut in_string = false;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                b'\\' => i += 2,
+                b'"' => {
+                    in_string = false;
+                    i += 1;
+                }
+                _ => i += 1,
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                i += 1;
+                while i < bytes.len() && bytes[i].is_ascii_digit() {
+                    i += 1;
+                }
+                let is_integer = !matches!(bytes.get(i), Some(b'.' | b'e' | b'E'));
+                let literal = &text[start..i];
+                if is_integer && literal.len() > 18 && literal.parse::<i64>().is_err() {
+                    let buf = out.get_or_insert_with(|| String::with_capacity(text.len() + 16));
+                    buf.push_str(&text[copied..start]);
+                    buf.push('"');
+                    buf.push_str(literal);
+                    buf.push('"');
+                    copied = i;
+                }
+                // Skip the rest of a float literal.
+                while i < bytes.len()
+                    && matches!(bytes[i], b'.' | b'e' | b'E' | b'+' | b'-' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    match out {
+        Some(mut buf) => {
+            buf.push_str(&text[copied..]);
+            std::borrow::Cow::Owned(buf)
+        }
+        None => std::borrow::Cow::Borrowed(text),
     }
 }
 
@@ -102,18 +200,45 @@ fn is_debezium_envelope(payload: &Map<String, Value>) -> bool {
 }
 
 /// Transaction metadata, heartbeats and schema-change events share the queue on some setups.
-fn classify_non_row(payload: &Map<String, Value>) -> Option<Ignored> {
-    let has = |k: &str| payload.contains_key(k);
-    if has("status") && has("id") && (has("event_count") || has("data_collections")) {
+/// They are told apart by their schema's name when the message has a schema, and otherwise by
+/// their topic (the routing key under `routingKey.source=topic`): `<prefix>.transaction`,
+/// `__debezium-heartbeat.<prefix>`, and the bare `<prefix>` for schema changes. Never by the
+/// columns a row happens to have. (A one-segment routing key is a schema-change topic only for
+/// a message that is neither a change envelope nor an unwrapped row naming its `__table`, so a
+/// static routing key never swallows changes.)
+fn classify_metadata(
+    schema: Option<&Value>,
+    routing_key: &str,
+    envelope: bool,
+    payload: &Map<String, Value>,
+) -> Option<Ignored> {
+    let schema_name = schema
+        .and_then(|s| s.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if schema_name.ends_with(".TransactionMetadataValue") {
         return Some(Ignored::Transaction);
     }
-    if has("ddl") || has("tableChanges") || has("databaseName") && has("schemaName") {
+    if schema_name.ends_with(".SchemaChangeValue") {
         return Some(Ignored::SchemaChange);
     }
-    if payload.len() == 1 && has("ts_ms") {
+    if schema_name == "io.debezium.connector.common.Heartbeat" {
         return Some(Ignored::Heartbeat);
     }
-    None
+    let segments: Vec<&str> = routing_key.split('.').collect();
+    match segments.as_slice() {
+        [first, ..] if first.starts_with("__debezium-heartbeat") => Some(Ignored::Heartbeat),
+        [prefix, "transaction"] if !prefix.is_empty() => Some(Ignored::Transaction),
+        [prefix]
+            if !prefix.is_empty()
+                && !prefix.starts_with('{')
+                && !envelope
+                && !payload.contains_key("__table") =>
+        {
+            Some(Ignored::SchemaChange)
+        }
+        _ => None,
+    }
 }
 
 fn decode_envelope(

@@ -329,6 +329,10 @@ const TOMBSTONES: &[&str] = &[
     "pg-tombstone-with-schema.json",
     "pg-composite-pk-tombstone-no-schema.json",
     "pg-composite-pk-tombstone-with-schema.json",
+];
+
+/// The unwrap SMT's default mode turns a delete into these: the key is lost.
+const KEYLESS_DELETES: &[&str] = &[
     "unwrap-default-delete-no-schema.json",
     "unwrap-default-delete-with-schema.json",
 ];
@@ -339,6 +343,7 @@ fn every_fixture_value_is_covered_by_an_expectation() {
         .iter()
         .map(|c| c.0)
         .chain(TOMBSTONES.iter().copied())
+        .chain(KEYLESS_DELETES.iter().copied())
         .collect();
     covered.push("mysqldoc-key-with-schema.json"); // a record key, tested below
     for entry in std::fs::read_dir(DIR).expect("fixture dir") {
@@ -403,19 +408,106 @@ fn tombstones_in_every_form_are_ignored() {
             "{name}"
         );
     }
-    for body in [
-        "default",
-        "",
-        "null",
-        "  null\n",
-        r#"{"schema":{"type":"struct"},"payload":null}"#,
-    ] {
+    for body in ["default", "", " default\n"] {
         assert_eq!(
             decode(body.as_bytes(), "x.y.z").unwrap(),
             Decoded::Ignored(Ignored::Tombstone),
             "{body:?}"
         );
     }
+}
+
+#[test]
+fn a_delete_that_lost_its_key_is_told_apart_from_a_tombstone() {
+    for name in KEYLESS_DELETES {
+        assert_eq!(
+            decode_fixture(name),
+            Decoded::Ignored(Ignored::KeylessDelete),
+            "{name}"
+        );
+    }
+    for body in [
+        "null",
+        "  null\n",
+        r#"{"schema":{"type":"struct"},"payload":null}"#,
+    ] {
+        assert_eq!(
+            decode(body.as_bytes(), "x.y.z").unwrap(),
+            Decoded::Ignored(Ignored::KeylessDelete),
+            "{body:?}"
+        );
+    }
+}
+
+#[test]
+fn integer_keys_beyond_64_bits_keep_their_exact_text() {
+    let body = |id: &str| {
+        format!(
+            r#"{{"op":"c","source":{{"name":"s","schema":"public","table":"t","lsn":1}},"after":{{"id":{id},"f":1.5e300,"n":-9223372036854775808,"s":"123456789012345678901234567890"}}}}"#
+        )
+    };
+    let a = change_of(&body("123456789012345678901234567890"));
+    let b = change_of(&body("123456789012345678901234567891"));
+    let (ra, rb) = (row_of(&a), row_of(&b));
+    assert_eq!(ra["id"], json!("123456789012345678901234567890"));
+    assert_ne!(ra["id"], rb["id"]);
+    assert_eq!(ra["n"], json!(i64::MIN), "64-bit integers stay numbers");
+    assert_eq!(ra["f"], json!(1.5e300), "floats stay floats");
+    assert_eq!(
+        ra["s"],
+        json!("123456789012345678901234567890"),
+        "strings untouched"
+    );
+    let u = change_of(&body("18446744073709551615"));
+    assert_eq!(
+        row_of(&u)["id"],
+        json!("18446744073709551615"),
+        "beyond i64: exact text"
+    );
+    let key = decode_key_header(
+        r#"{"schema":{"type":"struct"},"payload":{"id":123456789012345678901234567890}}"#,
+    )
+    .expect("key header");
+    assert_eq!(key["id"], json!("123456789012345678901234567890"));
+    assert_eq!(
+        decode_key_header(r#"{"id":7}"#).expect("bare")["id"],
+        json!(7)
+    );
+}
+
+fn change_of(body: &str) -> ChangeEvent {
+    match decode(body.as_bytes(), "s.public.t").expect("decodes") {
+        Decoded::Change(c) => *c,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn user_tables_with_metadata_like_columns_are_indexed() {
+    // Decided by topic and schema name, never by the columns a row has.
+    for row in [
+        r#"{"status":"BEGIN","id":"571","event_count":3,"data_collections":null,"__table":"orders"}"#,
+        r#"{"id":1,"ddl":"CREATE TABLE x","__table":"migrations"}"#,
+        r#"{"ts_ms":5}"#,
+    ] {
+        assert!(
+            matches!(
+                decode(row.as_bytes(), "dbserver1.public.orders"),
+                Ok(Decoded::Change(_))
+            ),
+            "{row}"
+        );
+    }
+    let tx_schema = r#"{"schema":{"type":"struct","name":"io.debezium.connector.common.TransactionMetadataValue"},"payload":{"status":"END","id":"1"}}"#;
+    assert_eq!(
+        decode(tx_schema.as_bytes(), "anything.at.all").unwrap(),
+        Decoded::Ignored(Ignored::Transaction)
+    );
+    let ddl = r#"{"source":{"name":"dbserver1"},"ddl":"ALTER TABLE t","tableChanges":[]}"#;
+    assert_eq!(
+        decode(ddl.as_bytes(), "dbserver1").unwrap(),
+        Decoded::Ignored(Ignored::SchemaChange)
+    );
 }
 
 #[test]
@@ -559,7 +651,7 @@ fn bad_bodies_are_errors_with_reasons() {
         let e = decode(body, "p.s.t").expect_err(want).to_string();
         assert!(e.contains(want), "expected `{want}` in `{e}`");
     }
-    let e = decode(br#"{"id":1}"#, "nodots")
+    let e = decode(br#"{"id":1}"#, "two.segments")
         .expect_err("no table")
         .to_string();
     assert!(e.contains("routing key"), "{e}");

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::Embedder;
+use super::{CANARY_TEXT, Embedder};
 use crate::config::{EmbeddingConfig, read_secret, redact_url};
 use crate::error::{ErrorKind, StageError};
 
@@ -94,7 +94,7 @@ impl HttpEmbedder {
                 let delay = retry_after(response.headers())
                     .unwrap_or(Duration::from_secs(1 << waits.min(5)));
                 tracing::warn!(delay_ms = delay.as_millis() as u64, endpoint = %redact_url(&self.endpoint), "embedding service rate-limited us; waiting");
-                tokio::time::sleep(delay).await;
+                crate::progress::sleep(delay).await;
                 continue;
             }
             if !status.is_success() {
@@ -108,6 +108,7 @@ impl HttpEmbedder {
             let parsed: Response = response.json().await.map_err(|e| {
                 StageError::transient(format!("unreadable embeddings response: {e}"))
             })?;
+            crate::progress::beat();
             return self.order(parsed, texts.len());
         }
     }
@@ -153,7 +154,20 @@ impl HttpEmbedder {
                 left.extend(right);
                 Ok(left)
             }
-            Err(e) if e.kind == ErrorKind::Poison => Err(e.at(offset)),
+            Err(e) if e.kind == ErrorKind::Poison => {
+                // One text refused. If a harmless canary is refused too, the service refuses
+                // every request (wrong model name, dimensions, key): not this input's fault.
+                match self.request(&[CANARY_TEXT.to_string()]).await {
+                    Err(canary) if canary.kind == ErrorKind::Poison => {
+                        Err(StageError::fatal(format!(
+                            "the embedding service refuses every request, a canary text too: {}; \
+                         check embedding.model, embedding.dimensions / send_dimensions and the API key",
+                            canary.message
+                        )))
+                    }
+                    _ => Err(e.at(offset)),
+                }
+            }
             other => other,
         }
     }
@@ -171,9 +185,9 @@ impl Embedder for HttpEmbedder {
         self.dimensions
     }
 
-    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, StageError> {
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, StageError> {
         let mut out = Vec::with_capacity(texts.len());
-        for range in self.groups(&texts) {
+        for range in self.groups(texts) {
             let start = range.start;
             out.extend(self.request_isolating(&texts[range], start).await?);
         }

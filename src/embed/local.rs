@@ -18,12 +18,14 @@ use fastembed::{
 };
 use tokio::sync::oneshot;
 
-use super::Embedder;
+use super::{CANARY_TEXT, Embedder};
 use crate::config::EmbeddingConfig;
 use crate::error::StageError;
+use crate::progress::Progress;
 
 type Job = (
     Vec<String>,
+    Progress,
     oneshot::Sender<Result<Vec<Vec<f32>>, StageError>>,
 );
 
@@ -105,8 +107,8 @@ impl LocalEmbedder {
         std::thread::Builder::new()
             .name("embedder".into())
             .spawn(move || {
-                for (texts, reply) in rx {
-                    let _ = reply.send(embed_sorted(&mut model, &texts, batch_size));
+                for (texts, progress, reply) in rx {
+                    let _ = reply.send(embed_sorted(&mut model, &texts, batch_size, &progress));
                 }
             })
             .map_err(|e| StageError::fatal(format!("cannot start the embedder thread: {e}")))?;
@@ -117,25 +119,50 @@ impl LocalEmbedder {
     }
 }
 
-/// Embeds in length-sorted sub-batches and restores the input order.
+/// Embeds in length-sorted sub-batches and restores the input order, beating `progress`
+/// after each sub-batch. A failed sub-batch is embedded text by text: a text that fails
+/// alone, while the canary text does not, is poison (`item` names it); a model that fails on
+/// the canary too is broken, which is fatal.
 fn embed_sorted(
     model: &mut TextEmbedding,
     texts: &[String],
     batch_size: usize,
+    progress: &Progress,
 ) -> Result<Vec<Vec<f32>>, StageError> {
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| texts[i].len());
     let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
     for group in order.chunks(batch_size) {
         let batch: Vec<&str> = group.iter().map(|&i| texts[i].as_str()).collect();
-        let vectors = model
-            .embed(&batch, Some(batch.len()))
-            .map_err(|e| StageError::transient(format!("model inference failed: {e}")))?;
+        let vectors = match model.embed(&batch, Some(batch.len())) {
+            Ok(v) => v,
+            Err(_) => group
+                .iter()
+                .map(|&i| embed_one(model, &texts[i]).map_err(|e| e.at(i)))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         for (&i, v) in group.iter().zip(vectors) {
             out[i] = v;
         }
+        progress.beat();
     }
     Ok(out)
+}
+
+fn embed_one(model: &mut TextEmbedding, text: &str) -> Result<Vec<f32>, StageError> {
+    match model.embed([text], None) {
+        Ok(mut v) => v
+            .pop()
+            .ok_or_else(|| StageError::fatal("the model returned no vector")),
+        Err(e) => match model.embed([CANARY_TEXT], None) {
+            Ok(_) => Err(StageError::poison(format!(
+                "the model cannot embed this text: {e}"
+            ))),
+            Err(canary) => Err(StageError::fatal(format!(
+                "the model fails on every text (a canary too): {canary}; check the model files and ONNX Runtime"
+            ))),
+        },
+    }
 }
 
 #[async_trait]
@@ -144,7 +171,7 @@ impl Embedder for LocalEmbedder {
         self.dimensions
     }
 
-    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, StageError> {
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, StageError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
@@ -152,7 +179,7 @@ impl Embedder for LocalEmbedder {
         self.jobs
             .lock()
             .map_err(|_| StageError::fatal("embedder channel poisoned"))?
-            .send((texts, reply))
+            .send((texts.to_vec(), Progress::current(), reply))
             .map_err(|_| StageError::fatal("the embedder thread has stopped"))?;
         answer
             .await

@@ -7,6 +7,9 @@
 pub mod http;
 pub mod local;
 
+/// The text a provider is asked to embed to tell a rejected input from a rejected request.
+pub const CANARY_TEXT: &str = "cdc-indexer canary";
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,8 +23,9 @@ pub trait Embedder: Send + Sync {
     fn dimensions(&self) -> usize;
 
     /// One vector per text, in order. A poison error carries `item` = the index of the text
-    /// that the provider rejected, when it can tell.
-    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, StageError>;
+    /// that the provider rejected, when it can tell. A rejection that a harmless canary text
+    /// gets too is about the request, not the input: fatal, never poison.
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, StageError>;
 }
 
 /// Builds the configured embedder. Fails (fatal) when model files or the runtime are missing.

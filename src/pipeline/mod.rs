@@ -4,29 +4,55 @@
 //! Ownership of acks: only [`process`] acks, and only after the batch's write is durable.
 //! A delivery that is never acked is redelivered by the broker when its channel closes, so
 //! every failure path here can simply drop deliveries and reconnect.
+//!
+//! **Batching** ([`Pipeline::collect`]): a batch closes at `batch_max_events`, at
+//! `batch_max_bytes` of bodies, at about `batch_max_texts` texts to embed, after
+//! `batch_max_wait_ms` — or as soon as the prefetch buffer runs dry (no delivery for
+//! `batch_idle_ms`): a change that arrives alone is worked on at once, a backlog still fills
+//! whole batches. Each delivery is decoded and mapped as it arrives ([`admit`]).
+//!
+//! **Returned deliveries** go through the [`crash_guard`]: a delivery that was in flight
+//! when the daemon last died is processed alone; one that keeps killing it alone is
+//! dead-lettered (`crash-loop`); one that was merely prefetched is processed as usual.
+//!
+//! **Clean stop** (SIGTERM): stop consuming first (`basic.cancel`), then finish the batch in
+//! progress and every delivery already received, within `shutdown_deadline_ms`; only what
+//! does not fit in the deadline goes back to the queue.
 
+mod admit;
+pub mod crash_guard;
 mod process;
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::dead_letter::DeadLetterPublisher;
+use crate::batch::Admitted;
+use crate::broker::dead_letter::{DeadLetter, DeadLetterPublisher};
 use crate::broker::{self, amqp_error, topology};
 use crate::config::Config;
 use crate::embed::Embedder;
 use crate::error::{ErrorKind, StageError};
-use crate::events::{BrokerSessionLost, InternalEvent, Recovered, RetryScheduled};
+use crate::events::{
+    BrokerSessionLost, CrashJournalUnavailable, DeliveryIsolated, InternalEvent, Recovered,
+    RetryScheduled,
+};
 use crate::mapping::CompiledRule;
-use crate::metrics::{Health, Metrics};
+use crate::metrics::Metrics;
 use crate::sink::Sink;
+use admit::{Admission, Fate};
+use crash_guard::{CrashGuard, MessageId, Verdict, message_id};
+
+/// The consumer tag of our one consumer.
+const CONSUMER_TAG: &str = "cdc-indexer";
 
 pub struct Pipeline {
     pub config: Arc<Config>,
@@ -35,6 +61,9 @@ pub struct Pipeline {
     pub sink: Arc<dyn Sink>,
     pub metrics: Arc<Metrics>,
     pub cancel: CancellationToken,
+    guard: Mutex<CrashGuard>,
+    /// Tables a keyless delete was already warned about.
+    keyless_warned: Mutex<HashSet<String>>,
 }
 
 /// One broker session: a connection, the consuming channel, the dead-letter channel.
@@ -45,13 +74,82 @@ struct Session {
     dead_letters: DeadLetterPublisher,
 }
 
+/// A batch as collected: its deliveries and what admission decided for each.
+pub(crate) struct Batch {
+    deliveries: Vec<Delivery>,
+    fates: Vec<Fate>,
+    /// Events to apply (with their delivery's index as origin).
+    events: Vec<Admitted>,
+    /// Deliveries to dead-letter, by index.
+    dead: Vec<(usize, DeadLetter)>,
+    ids: Vec<MessageId>,
+    /// One suspect delivery processed alone.
+    isolated: bool,
+    received: Vec<Instant>,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            deliveries: Vec::new(),
+            fates: Vec::new(),
+            events: Vec::new(),
+            dead: Vec::new(),
+            ids: Vec::new(),
+            isolated: false,
+            received: Vec::new(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.deliveries.is_empty()
+    }
+}
+
+/// What [`Pipeline::collect`] hands back besides the batch.
+enum Intake {
+    /// Go on.
+    Open,
+    /// The consumer was cancelled (shutdown) and every delivery it had was taken.
+    Drained,
+}
+
 impl Pipeline {
+    pub fn new(
+        config: Arc<Config>,
+        rules: HashMap<String, CompiledRule>,
+        embedder: Arc<dyn Embedder>,
+        sink: Arc<dyn Sink>,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Pipeline {
+        let (guard, problem) =
+            CrashGuard::open(&config.pipeline.state_dir, config.pipeline.crash_limit);
+        if let Some(problem) = problem {
+            CrashJournalUnavailable { problem: &problem }.emit(&metrics);
+        }
+        metrics.crash_suspects.set(guard.suspects() as i64);
+        Pipeline {
+            config,
+            rules,
+            embedder,
+            sink,
+            metrics,
+            cancel,
+            guard: Mutex::new(guard),
+            keyless_warned: Mutex::new(HashSet::new()),
+        }
+    }
+
     /// Runs until cancelled (`Ok`) or a fatal error (`Err`).
     pub async fn run(&self) -> Result<(), StageError> {
         let mut delay = Duration::from_millis(self.config.pipeline.retry_initial_ms);
         let max_delay = Duration::from_millis(self.config.pipeline.retry_max_ms);
         let mut first = true;
-        while !self.cancel.is_cancelled() {
+        let result = loop {
+            if self.cancel.is_cancelled() {
+                break Ok(());
+            }
             self.metrics.health.beat();
             let result = match self.open_session().await {
                 Ok(session) => {
@@ -67,23 +165,26 @@ impl Pipeline {
             };
             self.metrics.set_connected(false);
             match result {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind == ErrorKind::Fatal => return Err(e),
+                Ok(()) => break Ok(()),
+                Err(e) if e.kind == ErrorKind::Fatal => break Err(e),
                 Err(e) => {
                     if self.cancel.is_cancelled() {
-                        return Ok(());
+                        break Ok(());
                     }
                     let wait = jitter(delay);
                     BrokerSessionLost { error: &e, wait }.emit(&self.metrics);
                     tokio::select! {
-                        _ = beating_sleep(Arc::clone(&self.metrics.health), wait) => {}
-                        _ = self.cancel.cancelled() => return Ok(()),
+                        _ = crate::progress::scope(Arc::clone(&self.metrics.health), crate::progress::sleep(wait)) => {}
+                        _ = self.cancel.cancelled() => break Ok(()),
                     }
                     delay = (delay * 2).min(max_delay);
                 }
             }
-        }
-        Ok(())
+        };
+        // A deliberate exit, clean or fatal: nothing in flight is to blame. (A fatal error is
+        // about us, not about a message; only a crash leaves suspects behind.)
+        self.lock_guard().close();
+        result
     }
 
     async fn open_session(&self) -> Result<Session, StageError> {
@@ -103,7 +204,7 @@ impl Pipeline {
         let consumer = channel
             .basic_consume(
                 self.config.topology.queue.as_str().into(),
-                "cdc-indexer".into(),
+                CONSUMER_TAG.into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
@@ -118,75 +219,261 @@ impl Pipeline {
         })
     }
 
-    /// Batches and processes deliveries until cancelled or the session breaks.
+    /// Batches and processes deliveries until the session breaks, or until shutdown has
+    /// drained what was received.
     async fn consume(&self, mut session: Session) -> Result<(), StageError> {
         let deadline = Duration::from_millis(self.config.pipeline.shutdown_deadline_ms);
-        let mut idle_since = Some(tokio::time::Instant::now());
+        let mut stop_by: Option<tokio::time::Instant> = None;
+        let mut held: Option<Delivery> = None;
+        let mut idle_since = Some(Instant::now());
         loop {
             self.metrics.health.beat();
-            let batch = self.collect(&mut session.consumer).await?;
+            if stop_by.is_none() && self.cancel.is_cancelled() {
+                stop_by = Some(self.stop_consuming(&session, deadline).await);
+            }
+            // Not raced against the shutdown signal: a collect that is cut short would drop
+            // the deliveries it took. Its waits are bounded (1 s, then the batch window).
+            let (batch, intake) = match stop_by {
+                None => {
+                    self.collect(&mut session.consumer, &mut held, false)
+                        .await?
+                }
+                Some(by) => {
+                    match tokio::time::timeout_at(
+                        by,
+                        self.collect(&mut session.consumer, &mut held, true),
+                    )
+                    .await
+                    {
+                        Ok(r) => r?,
+                        Err(_) => break,
+                    }
+                }
+            };
             if batch.is_empty() {
-                if self.cancel.is_cancelled() {
+                if matches!(intake, Intake::Drained) {
                     break;
                 }
                 // Idle for a while: let the index optimise (qdrant-edge has no background thread).
-                if idle_since.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+                if stop_by.is_none()
+                    && idle_since.is_some_and(|t| t.elapsed() > Duration::from_secs(5))
+                {
                     idle_since = None;
                     self.sink.idle().await;
                 }
                 continue;
             }
-            idle_since = Some(tokio::time::Instant::now());
-            let work = process::process(self, &session, batch);
+            idle_since = Some(Instant::now());
+            let ids = batch.ids.clone();
+            if let Err(e) = self.lock_guard().begin(&ids, batch.isolated) {
+                CrashJournalUnavailable { problem: &e }.emit(&self.metrics);
+            }
+            let work = crate::progress::scope(
+                Arc::clone(&self.metrics.health),
+                process::process(self, &session, batch),
+            );
             tokio::pin!(work);
-            let result = tokio::select! {
-                r = &mut work => r,
-                _ = self.cancel.cancelled() => match tokio::time::timeout(deadline, &mut work).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        tracing::warn!(deadline_ms = deadline.as_millis() as u64, "shutdown deadline passed; the open batch is left unacked for redelivery");
-                        break;
+            let result = match stop_by {
+                None => tokio::select! {
+                    r = &mut work => Some(r),
+                    _ = self.cancel.cancelled() => {
+                        let by = self.stop_consuming(&session, deadline).await;
+                        stop_by = Some(by);
+                        tokio::time::timeout_at(by, &mut work).await.ok()
                     }
                 },
+                Some(by) => tokio::time::timeout_at(by, &mut work).await.ok(),
             };
-            if let Err(e) = result {
-                if self.cancel.is_cancelled() {
-                    tracing::warn!(error = %e, "shutting down with the open batch unacked (it will be redelivered)");
+            match result {
+                Some(Ok(())) => self.lock_guard().end(&ids, true),
+                Some(Err(e)) => {
+                    self.lock_guard().end(&ids, false);
+                    if self.cancel.is_cancelled() {
+                        tracing::warn!(error = %e, "shutting down with the open batch unacked (it will be redelivered)");
+                        break;
+                    }
+                    return Err(e);
+                }
+                None => {
+                    self.lock_guard().end(&ids, false);
+                    tracing::warn!(
+                        deadline_ms = deadline.as_millis() as u64,
+                        "shutdown deadline passed; the open batch is left unacked for redelivery"
+                    );
                     break;
                 }
-                return Err(e);
-            }
-            if self.cancel.is_cancelled() {
-                break;
             }
         }
         close(session).await;
         Ok(())
     }
 
-    /// Waits for the first delivery (up to 1 s, to keep the heartbeat going), then collects
-    /// up to `batch_max_events` or until `batch_max_wait_ms` has passed.
+    /// Shutdown, step one: no new deliveries. Returns when the work must be done by.
+    async fn stop_consuming(&self, session: &Session, deadline: Duration) -> tokio::time::Instant {
+        let by = tokio::time::Instant::now() + deadline;
+        tracing::info!(
+            deadline_ms = deadline.as_millis() as u64,
+            "stopping intake; finishing the deliveries already received"
+        );
+        let cancel = session
+            .channel
+            .basic_cancel(CONSUMER_TAG.into(), BasicCancelOptions::default());
+        if let Err(e) = tokio::time::timeout_at(by, cancel)
+            .await
+            .map_err(|_| "timed out".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            tracing::warn!(error = %e, "basic.cancel failed; what is unacked will be redelivered");
+        }
+        self.metrics
+            .health
+            .consuming
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        by
+    }
+
+    /// Collects the next batch. Waits for its first delivery up to 1 s (to keep the
+    /// heartbeat going), then takes deliveries while they keep arriving (see the module
+    /// doc). `held` is a delivery that did not fit the previous batch.
     async fn collect(
         &self,
         consumer: &mut Consumer,
-    ) -> Result<Vec<lapin::message::Delivery>, StageError> {
-        let mut batch = Vec::new();
-        let first = tokio::select! {
-            d = consumer.next() => d,
-            _ = self.cancel.cancelled() => return Ok(batch),
-            _ = tokio::time::sleep(Duration::from_secs(1)) => return Ok(batch),
+        held: &mut Option<Delivery>,
+        draining: bool,
+    ) -> Result<(Batch, Intake), StageError> {
+        let c = &self.config.pipeline;
+        let mut batch = Batch::new();
+        let mut bytes = 0usize;
+        let mut texts = 0usize;
+        let first = match held.take() {
+            Some(d) => Some(d),
+            None => match tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+                Err(_) => return Ok((batch, Intake::Open)),
+                Ok(item) => next_delivery(item, draining)?,
+            },
         };
-        batch.push(delivery(first)?);
-        let until = tokio::time::Instant::now()
-            + Duration::from_millis(self.config.pipeline.batch_max_wait_ms);
-        while batch.len() < self.config.pipeline.batch_max_events {
-            tokio::select! {
-                d = consumer.next() => batch.push(delivery(d)?),
-                _ = tokio::time::sleep_until(until) => break,
-                _ = self.cancel.cancelled() => break,
+        let Some(first) = first else {
+            return Ok((batch, Intake::Drained));
+        };
+        let until = tokio::time::Instant::now() + Duration::from_millis(c.batch_max_wait_ms);
+        let idle = Duration::from_millis(c.batch_idle_ms);
+        let mut next = Some(first);
+        let mut intake = Intake::Open;
+        while let Some(d) = next.take() {
+            let id = message_id(d.routing_key.as_str(), &d.data);
+            let verdict = if d.redelivered {
+                self.lock_guard().verdict(&id)
+            } else {
+                Verdict::Normal
+            };
+            if verdict == Verdict::Isolate {
+                if !batch.is_empty() {
+                    *held = Some(d);
+                    break;
+                }
+                DeliveryIsolated {
+                    routing_key: d.routing_key.as_str(),
+                }
+                .emit(&self.metrics);
+                batch.isolated = true;
+                self.add(&mut batch, d, id, None);
+                break;
+            }
+            if !batch.is_empty() && bytes + d.data.len() > c.batch_max_bytes {
+                *held = Some(d);
+                break;
+            }
+            bytes += d.data.len();
+            let crash_loop = match verdict {
+                Verdict::CrashLoop(s) => Some(DeadLetter {
+                    kind: "crash-loop",
+                    reason: format!(
+                        "this message was being processed each of the last {} times the daemon died ({} of them alone); it is set aside so the stream goes on",
+                        s.crashes + s.alone,
+                        s.alone
+                    ),
+                }),
+                _ => None,
+            };
+            texts += self.add(&mut batch, d, id, crash_loop);
+            if batch.deliveries.len() >= c.batch_max_events
+                || bytes >= c.batch_max_bytes
+                || texts >= c.batch_max_texts
+            {
+                break;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                break;
+            }
+            match tokio::time::timeout((until - now).min(idle), consumer.next()).await {
+                Err(_) => break, // ran dry: work on what is here now
+                Ok(item) => match next_delivery(item, draining)? {
+                    Some(d) => next = Some(d),
+                    None => intake = Intake::Drained,
+                },
             }
         }
-        Ok(batch)
+        Ok((batch, intake))
+    }
+
+    /// Adds a delivery to the batch, admitting it (or dead-lettering it as `crash-loop`).
+    /// Returns about how many texts it will embed.
+    fn add(
+        &self,
+        batch: &mut Batch,
+        d: Delivery,
+        id: MessageId,
+        crash_loop: Option<DeadLetter>,
+    ) -> usize {
+        let origin = batch.deliveries.len();
+        let (fate, admission) = match crash_loop {
+            Some(letter) => (
+                Fate {
+                    table: "-".into(),
+                    op: "-",
+                    outcome: "dead_lettered",
+                    source_ts_ms: None,
+                },
+                Admission::DeadLetter(letter),
+            ),
+            None => admit::admit(self, origin, &d),
+        };
+        crate::events::EventReceived {
+            table: &fate.table,
+            op: fate.op,
+            redelivered: d.redelivered,
+        }
+        .emit(&self.metrics);
+        let texts = match admission {
+            Admission::Event(event) => {
+                let texts = admit::estimated_texts(self, &event);
+                batch.events.push(*event);
+                texts
+            }
+            Admission::Nothing => 0,
+            Admission::DeadLetter(letter) => {
+                batch.dead.push((origin, letter));
+                0
+            }
+        };
+        batch.fates.push(fate);
+        batch.ids.push(id);
+        batch.received.push(Instant::now());
+        batch.deliveries.push(d);
+        texts
+    }
+
+    fn lock_guard(&self) -> std::sync::MutexGuard<'_, CrashGuard> {
+        self.guard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True the first time a keyless delete is seen for `table` (warn once per table).
+    fn first_keyless_delete(&self, table: &str) -> bool {
+        self.keyless_warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(table.to_string())
     }
 
     /// Runs `f` until it succeeds, retrying transient failures with exponential backoff and
@@ -212,7 +499,9 @@ impl Pipeline {
             f()
         })
         .retry(policy)
-        .sleep(move |wait| beating_sleep(Arc::clone(&health), wait))
+        .sleep(move |wait| {
+            crate::progress::scope(Arc::clone(&health), crate::progress::sleep(wait))
+        })
         .when(|e: &StageError| e.kind == ErrorKind::Transient)
         .notify(|e: &StageError, wait: Duration| {
             RetryScheduled {
@@ -232,25 +521,16 @@ impl Pipeline {
     }
 }
 
-/// Sleeps `wait`, beating the heartbeat every second.
-async fn beating_sleep(health: Arc<Health>, wait: Duration) {
-    let until = tokio::time::Instant::now() + wait;
-    loop {
-        health.beat();
-        let now = tokio::time::Instant::now();
-        if now >= until {
-            return;
-        }
-        tokio::time::sleep((until - now).min(Duration::from_secs(1))).await;
-    }
-}
-
-fn delivery(
-    item: Option<lapin::Result<lapin::message::Delivery>>,
-) -> Result<lapin::message::Delivery, StageError> {
+/// The next delivery; `None` when the consumer ended, which is expected only while draining
+/// after `basic.cancel` (otherwise the broker cancelled us: the session is over).
+fn next_delivery(
+    item: Option<lapin::Result<Delivery>>,
+    draining: bool,
+) -> Result<Option<Delivery>, StageError> {
     match item {
-        Some(Ok(d)) => Ok(d),
+        Some(Ok(d)) => Ok(Some(d)),
         Some(Err(e)) => Err(amqp_error("consumer", e)),
+        None if draining => Ok(None),
         None => Err(StageError::transient("the broker closed our consumer")),
     }
 }

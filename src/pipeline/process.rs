@@ -1,163 +1,68 @@
-//! One batch: decode → map → coalesce → plan → embed → write → ack.
+//! One batch: coalesce → read states → plan → embed → write → dead letters → ack.
 //!
-//! Poison is isolated to the delivery that caused it: undecodable and unmappable messages are
-//! dead-lettered before anything is written; an input the embedder or the index rejects is
-//! found (the provider names it, or we write op by op) and only its delivery is
-//! dead-lettered; the rest of the batch is written. Then the whole batch is acked with one
+//! Poison is isolated to the delivery that caused it. Undecodable and unmappable deliveries
+//! were set aside at admission. An op the plan cannot apply (a TOASTed column with no stored
+//! value), a text the embedder rejects (the provider names it), or a write the index rejects
+//! (found by bisecting the batch's documents: halves written until one document is refused
+//! alone) dead-letters its delivery only. The batch is then coalesced again without it and
+//! written, so the key's earlier events in the batch still apply: the index holds the last
+//! valid state, never a state the stream did not have. A rejection that every document gets
+//! on its own is not the documents' fault: fatal. Then the whole batch is acked with one
 //! `basic.ack(multiple=true)` up to its highest tag.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
-use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 
-use super::{Pipeline, Session};
-use crate::batch::{self, Coalesced, Planned};
+use super::{Batch, Pipeline, Session};
+use crate::batch::{self, Coalesced, Op, PlanOutcome};
 use crate::broker::amqp_error;
 use crate::broker::dead_letter::DeadLetter;
-use crate::config::UnknownTable;
-use crate::decode::{Decoded, decode};
 use crate::error::{ErrorKind, StageError};
 use crate::events::{
-    BatchWritten, DeadLettered, EventProcessed, EventReceived, EventsSkipped, InternalEvent,
-    TextsEmbedded,
+    BatchWritten, DeadLettered, DocumentsEmpty, DocumentsTruncated, EventProcessed, EventsSkipped,
+    InternalEvent, TextsEmbedded, WriteRejected,
 };
-use crate::mapping::CompiledRule;
-use crate::model::{Change, ChangeEvent, TableName};
+use crate::model::DocumentKey;
 use crate::sink::Write;
-
-/// What became of one delivery, for metrics.
-#[derive(Debug, Clone)]
-struct Fate {
-    table: String,
-    op: &'static str,
-    outcome: &'static str,
-    source_ts_ms: Option<i64>,
-}
+use crate::stored::{StoredState, stored_state, truncate_payload};
 
 pub(super) async fn process(
     p: &Pipeline,
     session: &Session,
-    deliveries: Vec<Delivery>,
+    batch: Batch,
 ) -> Result<(), StageError> {
+    let Batch {
+        deliveries,
+        mut fates,
+        events,
+        dead,
+        received,
+        ..
+    } = batch;
     let Some(last_tag) = deliveries.iter().map(|d| d.delivery_tag).max() else {
         return Ok(());
     };
     p.metrics.batch_size.observe(deliveries.len() as f64);
-    let mut fates = Vec::with_capacity(deliveries.len());
-    let mut coalesced = Coalesced::default();
-    let mut dead: BTreeMap<usize, DeadLetter> = BTreeMap::new();
+    let mut dead: BTreeMap<usize, DeadLetter> = dead.into_iter().collect();
 
-    for (i, d) in deliveries.iter().enumerate() {
-        let (fate, result) = admit(p, i, d, &mut coalesced);
-        EventReceived {
-            table: &fate.table,
-            op: fate.op,
-        }
-        .emit(&p.metrics);
-        fates.push(fate);
-        if let Err(letter) = result {
-            dead.insert(i, letter);
-        }
-    }
-
-    // Plan, embed, write; on poison from the embedder or the index, dead-letter the culprit
-    // and plan again without it.
     loop {
+        let excluded: BTreeSet<usize> = dead.keys().copied().collect();
+        let coalesced = batch::coalesce(&events, &excluded);
         if coalesced.is_empty() {
             break;
         }
-        let keys = coalesced.keys();
-        let states = p.retry("sink", || p.sink.read_states(&keys)).await?;
-        let outcome = batch::plan(&coalesced, &states);
-        if !outcome.poison.is_empty() {
-            for (origin, reason) in outcome.poison {
-                dead.insert(
-                    origin,
-                    DeadLetter {
-                        kind: "toast-unavailable",
-                        reason,
-                    },
-                );
-                remove_origin(&mut coalesced, origin);
-            }
-            continue;
-        }
-        for (_, origin) in &outcome.stale {
-            fates[*origin].outcome = "skipped_stale";
-        }
-        EventsSkipped {
-            reason: "stale",
-            count: outcome.stale.len(),
-        }
-        .emit(&p.metrics);
-        EventsSkipped {
-            reason: "unchanged",
-            count: outcome.unchanged,
-        }
-        .emit(&p.metrics);
-        let plan = outcome.plan;
-        if plan.is_empty() {
-            break;
-        }
-        let texts: Vec<String> = plan.upserts.iter().map(|u| u.text.clone()).collect();
-        let origins: Vec<usize> = plan.upserts.iter().map(|u| u.origin).collect();
-        let started = std::time::Instant::now();
-        let vectors = match p.retry("embed", || p.embedder.embed(texts.clone())).await {
-            Ok(v) => v,
-            Err(e) if e.kind == ErrorKind::Poison => {
-                let culprits: Vec<usize> = match e.item {
-                    Some(item) => origins.get(item).copied().into_iter().collect(),
-                    None => origins.clone(),
-                };
-                for origin in culprits {
-                    dead.insert(
-                        origin,
-                        DeadLetter {
-                            kind: "embed",
-                            reason: e.message.clone(),
-                        },
-                    );
-                    remove_origin(&mut coalesced, origin);
-                }
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        TextsEmbedded {
-            texts: texts.len(),
-            took: started.elapsed(),
-        }
-        .emit(&p.metrics);
-        let write = Write::from_plan(plan, vectors);
-        let started = std::time::Instant::now();
-        match p.retry("sink", || p.sink.write(&write)).await {
-            Ok(()) => {
-                BatchWritten {
-                    points: write.upserts.len(),
-                    took: started.elapsed(),
-                }
-                .emit(&p.metrics);
+        match apply(p, &coalesced).await? {
+            Applied::Written(outcome) => {
+                record(p, &outcome, &mut fates);
                 break;
             }
-            Err(e) if e.kind == ErrorKind::Poison => {
-                let culprits = match e.item.and_then(|i| origins.get(i).copied()) {
-                    Some(origin) => vec![origin],
-                    None => find_rejected(p, &coalesced).await?,
-                };
-                tracing::warn!(error = %e, culprits = culprits.len(), "the index rejected part of a batch; dead-lettering the culprits");
-                for origin in culprits {
-                    dead.insert(
-                        origin,
-                        DeadLetter {
-                            kind: "sink",
-                            reason: e.message.clone(),
-                        },
-                    );
-                    remove_origin(&mut coalesced, origin);
+            Applied::Culprits(culprits) => {
+                for (origin, letter) in culprits {
+                    dead.insert(origin, letter);
                 }
             }
-            Err(e) => return Err(e),
         }
     }
 
@@ -190,13 +95,14 @@ pub(super) async fn process(
         .map_err(|e| amqp_error("basic.ack", e))?;
 
     let now_ms = chrono::Utc::now().timestamp_millis();
-    for fate in &fates {
+    for (fate, at) in fates.iter().zip(&received) {
         EventProcessed {
             table: &fate.table,
             op: fate.op,
             outcome: fate.outcome,
             source_ts_ms: fate.source_ts_ms,
             acked_at_ms: now_ms,
+            in_daemon: at.elapsed(),
         }
         .emit(&p.metrics);
     }
@@ -208,162 +114,279 @@ pub(super) async fn process(
     Ok(())
 }
 
-/// Decodes and maps one delivery into `coalesced`. `Err` means: dead-letter it.
-fn admit(
-    p: &Pipeline,
-    i: usize,
-    d: &Delivery,
-    coalesced: &mut Coalesced,
-) -> (Fate, Result<(), DeadLetter>) {
-    let mut fate = Fate {
-        table: "-".into(),
-        op: "-",
-        outcome: "dead_lettered",
-        source_ts_ms: None,
-    };
-    let routing_key =
-        crate::broker::routing_key_of(d.routing_key.as_str(), d.properties.headers().as_ref());
-    let event = match decode(&d.data, &routing_key) {
-        Ok(Decoded::Change(event)) => *event,
-        Ok(Decoded::Ignored(kind)) => {
-            fate.op = kind.as_str();
-            fate.outcome = "ignored";
-            return (fate, Ok(()));
-        }
-        Err(e) => {
-            return (
-                fate,
-                Err(DeadLetter {
-                    kind: "decode",
-                    reason: e.0,
-                }),
-            );
-        }
-    };
-    fate.op = event.op.as_str();
-    fate.source_ts_ms = event.source_ts_ms;
-    let Some(rule) = find_rule(p, &event.table) else {
-        fate.table = event.table.to_string();
-        return match p.config.pipeline.unknown_table {
-            UnknownTable::Skip => {
-                fate.outcome = "skipped_unknown_table";
-                (fate, Ok(()))
-            }
-            UnknownTable::DeadLetter => {
-                let reason = format!("no [[tables]] rule for table `{}`", event.table);
+/// What one attempt at the coalesced batch came to.
+enum Applied {
+    /// Durable in the index.
+    Written(Box<PlanOutcome>),
+    /// These deliveries are poison; the rest is to be coalesced and applied again.
+    Culprits(Vec<(usize, DeadLetter)>),
+}
+
+/// Plans, embeds and writes `coalesced`.
+async fn apply(p: &Pipeline, coalesced: &Coalesced) -> Result<Applied, StageError> {
+    let keys = coalesced.keys_to_read();
+    let states = p
+        .retry("sink", || p.sink.read_states(&keys))
+        .await
+        .map_err(refused_read)?;
+    let mut outcome = batch::plan(coalesced, &states, &p.rules);
+    if !outcome.poison.is_empty() {
+        let culprits = outcome
+            .poison
+            .into_iter()
+            .map(|x| {
                 (
-                    fate,
-                    Err(DeadLetter {
-                        kind: "unknown-table",
-                        reason,
-                    }),
+                    x.origin,
+                    DeadLetter {
+                        kind: x.kind,
+                        reason: x.reason,
+                    },
                 )
-            }
-        };
+            })
+            .collect();
+        return Ok(Applied::Culprits(culprits));
+    }
+    let plan = std::mem::take(&mut outcome.plan);
+    if plan.is_empty() {
+        return Ok(Applied::Written(Box::new(outcome)));
+    }
+    let origins: Vec<usize> = plan.upserts.iter().map(|u| u.origin).collect();
+    let vectors = match embed(p, &plan.upserts).await? {
+        Ok(v) => v,
+        Err(e) => {
+            let culprits = match e.item.and_then(|i| origins.get(i)) {
+                Some(&origin) => vec![origin],
+                None => origins.clone(),
+            };
+            return Ok(Applied::Culprits(dead_letters(
+                culprits, "embed", &e.message,
+            )));
+        }
     };
-    fate.table = rule.rule.table.clone();
-    match admit_change(rule, i, event, coalesced) {
-        Ok(outcome) => {
-            fate.outcome = outcome;
-            (fate, Ok(()))
-        }
-        Err(reason) => (
-            fate,
-            Err(DeadLetter {
-                kind: "mapping",
-                reason,
-            }),
-        ),
-    }
-}
-
-fn admit_change(
-    rule: &CompiledRule,
-    origin: usize,
-    event: ChangeEvent,
-    coalesced: &mut Coalesced,
-) -> Result<&'static str, String> {
-    match event.change {
-        Change::Truncate => {
-            coalesced.truncate(&rule.rule.table);
-            Ok("truncated")
-        }
-        Change::Upsert(row) => {
-            let doc = rule.document(&row, &event.unavailable).map_err(|e| e.0)?;
-            coalesced.push(Planned::Upsert {
-                doc,
-                unavailable: event.unavailable,
-                position: event.position,
-                source_ts_ms: event.source_ts_ms,
-                origin,
-            });
-            Ok("upserted")
-        }
-        Change::Delete(row) => {
-            let key = rule.key(&row).map_err(|e| e.0)?;
-            coalesced.push(Planned::Delete {
-                key,
-                position: event.position,
-                origin,
-            });
-            Ok("deleted")
-        }
-    }
-}
-
-/// The rule of `schema.table`; for an unwrapped row without a schema, the only rule whose
-/// table name matches.
-fn find_rule<'a>(p: &'a Pipeline, table: &TableName) -> Option<&'a CompiledRule> {
-    match &table.schema {
-        Some(_) => p.rules.get(&table.to_string()),
-        None => {
-            let mut matches = p
-                .rules
-                .values()
-                .filter(|r| r.rule.table.rsplit('.').next() == Some(table.table.as_str()));
-            let first = matches.next();
-            if matches.next().is_some() {
-                None
-            } else {
-                first
+    let write = Arc::new(Write::from_plan(plan, vectors));
+    let started = std::time::Instant::now();
+    match p.retry("sink", || p.sink.write(Arc::clone(&write))).await {
+        Ok(()) => {
+            BatchWritten {
+                points: write.upserts.len(),
+                took: started.elapsed(),
             }
+            .emit(&p.metrics);
+            Ok(Applied::Written(Box::new(outcome)))
         }
+        Err(e) if e.kind == ErrorKind::Poison => {
+            if let Some(&origin) = e.item.and_then(|i| origins.get(i)) {
+                return Ok(Applied::Culprits(dead_letters(
+                    vec![origin],
+                    "sink",
+                    &e.message,
+                )));
+            }
+            WriteRejected { error: &e }.emit(&p.metrics);
+            let culprits = isolate_rejected(p, coalesced, &states, &write).await?;
+            Ok(Applied::Culprits(culprits))
+        }
+        Err(e) => Err(e),
     }
 }
 
-fn remove_origin(coalesced: &mut Coalesced, origin: usize) {
-    let mut kept = Coalesced::default();
-    for table in &coalesced.truncates {
-        kept.truncate(table);
+/// Embeds the texts of `upserts`: `Ok(Err(poison))` when the provider rejected an input.
+async fn embed(
+    p: &Pipeline,
+    upserts: &[batch::PointWrite],
+) -> Result<Result<Vec<Vec<f32>>, StageError>, StageError> {
+    let texts: Vec<String> = upserts.iter().map(|u| u.text.clone()).collect();
+    if texts.is_empty() {
+        return Ok(Ok(Vec::new()));
     }
-    for op in coalesced.ops.drain(..) {
-        let o = batch::origin(&op);
-        if o != origin {
-            kept.push(op);
+    crate::faults::before_embedding(&texts);
+    let started = std::time::Instant::now();
+    match p.retry("embed", || p.embedder.embed(&texts)).await {
+        Ok(v) => {
+            TextsEmbedded {
+                texts: texts.len(),
+                took: started.elapsed(),
+            }
+            .emit(&p.metrics);
+            Ok(Ok(v))
         }
+        Err(e) if e.kind == ErrorKind::Poison => Ok(Err(e)),
+        Err(e) => Err(e),
     }
-    kept.stale = std::mem::take(&mut coalesced.stale);
-    *coalesced = kept;
 }
 
-/// The index rejected a batch without saying which point: write each op alone to find the
-/// ones it rejects. Returns their origins. (Rare: invalid payloads.)
-async fn find_rejected(p: &Pipeline, coalesced: &Coalesced) -> Result<Vec<usize>, StageError> {
+/// A read the index refuses is about the request (no row is at fault), and retrying it would
+/// loop for ever: fatal, with what the index said.
+fn refused_read(e: StageError) -> StageError {
+    match e.kind {
+        ErrorKind::Poison => StageError::fatal(format!(
+            "the index refuses to read stored documents (no event is at fault; check the sink's version and configuration): {}",
+            e.message
+        )),
+        _ => e,
+    }
+}
+
+fn dead_letters(origins: Vec<usize>, kind: &'static str, reason: &str) -> Vec<(usize, DeadLetter)> {
+    origins
+        .into_iter()
+        .map(|o| {
+            (
+                o,
+                DeadLetter {
+                    kind,
+                    reason: reason.to_string(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// The index refused the batch without naming a point: write its truncates one by one, then
+/// its documents by halves, until the documents it refuses alone are found. Everything else
+/// is written on the way. Pieces are planned against the state read before the batch (with
+/// the truncates applied), as the whole batch was, and reuse its vectors.
+async fn isolate_rejected(
+    p: &Pipeline,
+    coalesced: &Coalesced,
+    states: &HashMap<DocumentKey, StoredState>,
+    full: &Write,
+) -> Result<Vec<(usize, DeadLetter)>, StageError> {
+    let vectors: HashMap<uuid::Uuid, Vec<f32>> = full
+        .upserts
+        .iter()
+        .map(|u| (u.id, u.vector.clone()))
+        .collect();
+    let mut snapshot = states.clone();
     let mut culprits = Vec::new();
-    for op in &coalesced.ops {
-        let mut single = Coalesced::default();
-        single.push(op.clone());
-        let keys = single.keys();
-        let states = p.retry("sink", || p.sink.read_states(&keys)).await?;
-        let plan = batch::plan(&single, &states).plan;
-        let texts: Vec<String> = plan.upserts.iter().map(|u| u.text.clone()).collect();
-        let vectors = p.retry("embed", || p.embedder.embed(texts.clone())).await?;
-        let write = Write::from_plan(plan, vectors);
-        match p.retry("sink", || p.sink.write(&write)).await {
-            Ok(()) => {}
-            Err(e) if e.kind == ErrorKind::Poison => culprits.push(batch::origin(op)),
-            Err(e) => return Err(e),
+    for t in &coalesced.truncates {
+        let piece = Coalesced::from_truncate(t.clone());
+        if let Some(reason) = write_piece(p, &piece, &snapshot, &vectors).await? {
+            culprits.push((t.origin, reason));
+        }
+        snapshot.retain(|k, _| k.table != t.table);
+        if let Some(marker) = stored_state(&truncate_payload(
+            &t.table,
+            t.position.as_ref(),
+            t.source_ts_ms,
+        )) {
+            snapshot.insert(DocumentKey::table_marker(&t.table), marker);
         }
     }
-    Ok(culprits)
+    let ops = coalesced.ops.clone();
+    bisect(p, &ops, &snapshot, &vectors, &mut culprits).await?;
+    if ops.len() > 1 && culprits.len() >= ops.len() {
+        return Err(StageError::fatal(format!(
+            "the index refuses every document of the batch, each one alone too ({} of them): \
+             the refusal is about the requests, not the rows; check the sink's configuration \
+             and version. Last answer: {}",
+            ops.len(),
+            culprits.last().map_or("", |(_, r)| r.as_str())
+        )));
+    }
+    Ok(culprits
+        .into_iter()
+        .map(|(origin, reason)| {
+            (
+                origin,
+                DeadLetter {
+                    kind: "sink",
+                    reason,
+                },
+            )
+        })
+        .collect())
+}
+
+async fn bisect(
+    p: &Pipeline,
+    ops: &[Op],
+    states: &HashMap<DocumentKey, StoredState>,
+    vectors: &HashMap<uuid::Uuid, Vec<f32>>,
+    culprits: &mut Vec<(usize, String)>,
+) -> Result<(), StageError> {
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let piece = Coalesced::from_ops(ops.to_vec());
+    match write_piece(p, &piece, states, vectors).await? {
+        None => Ok(()),
+        Some(reason) if ops.len() == 1 => {
+            culprits.push((ops[0].origin(), reason));
+            Ok(())
+        }
+        Some(_) => {
+            let mid = ops.len() / 2;
+            Box::pin(bisect(p, &ops[..mid], states, vectors, culprits)).await?;
+            Box::pin(bisect(p, &ops[mid..], states, vectors, culprits)).await
+        }
+    }
+}
+
+/// Writes one piece of a batch: `Some(reason)` when the index refuses it.
+async fn write_piece(
+    p: &Pipeline,
+    piece: &Coalesced,
+    states: &HashMap<DocumentKey, StoredState>,
+    known: &HashMap<uuid::Uuid, Vec<f32>>,
+) -> Result<Option<String>, StageError> {
+    let plan = batch::plan(piece, states, &p.rules).plan;
+    if plan.is_empty() {
+        return Ok(None);
+    }
+    let missing: Vec<batch::PointWrite> = plan
+        .upserts
+        .iter()
+        .filter(|u| !known.contains_key(&u.id))
+        .cloned()
+        .collect();
+    let mut fresh: HashMap<uuid::Uuid, Vec<f32>> = HashMap::new();
+    if !missing.is_empty() {
+        match embed(p, &missing).await? {
+            Ok(v) => fresh.extend(missing.iter().map(|u| u.id).zip(v)),
+            Err(e) => return Ok(Some(e.message)),
+        }
+    }
+    let vectors = plan
+        .upserts
+        .iter()
+        .map(|u| {
+            known
+                .get(&u.id)
+                .or_else(|| fresh.get(&u.id))
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    let write = Arc::new(Write::from_plan(plan, vectors));
+    match p.retry("sink", || p.sink.write(Arc::clone(&write))).await {
+        Ok(()) => Ok(None),
+        Err(e) if e.kind == ErrorKind::Poison => Ok(Some(e.message)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Counts what the plan decided beyond the writes.
+fn record(p: &Pipeline, outcome: &PlanOutcome, fates: &mut [super::Fate]) {
+    for (_, origin) in &outcome.stale {
+        if let Some(f) = fates.get_mut(*origin) {
+            f.outcome = "skipped_stale";
+        }
+    }
+    EventsSkipped {
+        reason: "stale",
+        count: outcome.stale.len(),
+    }
+    .emit(&p.metrics);
+    EventsSkipped {
+        reason: "unchanged",
+        count: outcome.unchanged,
+    }
+    .emit(&p.metrics);
+    for table in &outcome.empty {
+        DocumentsEmpty { table }.emit(&p.metrics);
+    }
+    for table in &outcome.truncated {
+        DocumentsTruncated { table }.emit(&p.metrics);
+    }
 }

@@ -5,6 +5,12 @@
 //! write goes to the shard's WAL, and we `flush()` (WAL and segments) before returning, so
 //! an acked message survives a crash; an unflushed write is recovered from the WAL on load.
 //!
+//! A batch is applied as a sequence of update operations in [`Write`]'s order, upserts in
+//! groups of at most [`MAX_POINTS`] points or about [`MAX_BYTES`] (so no single operation
+//! holds a whole large batch twice in memory). Payload writes *overwrite* the payload:
+//! qdrant-edge's merge (`SetPayload`) drops keys whose value is `null`, an upsert keeps them,
+//! and the stored payload must not depend on the write path.
+//!
 //! One process owns the shard directory. The `search` subcommand therefore asks the running
 //! daemon over its side HTTP port, and opens the directory itself only when no daemon runs.
 
@@ -24,9 +30,16 @@ use qdrant_edge::{
 use serde_json::Value;
 
 use super::{Hit, Sink, StoredPoint, VECTOR_NAME, Write, sort_by_chunk};
-use crate::batch::{StoredState, stored_state};
+use crate::batch::{PayloadWrite, split_ranges};
 use crate::error::StageError;
 use crate::model::{DocumentKey, Row};
+use crate::progress::Progress;
+use crate::stored::{StoredState, stored_state};
+
+/// Most points in one upsert operation.
+const MAX_POINTS: usize = 256;
+/// Rough upper bound of one upsert operation's size.
+const MAX_BYTES: usize = 8 << 20;
 
 pub struct EmbeddedSink {
     path: std::path::PathBuf,
@@ -103,22 +116,40 @@ fn table_filter(table: &str) -> Result<Filter, StageError> {
     Ok(must(vec![keyword("_cdc.table", table)?]))
 }
 
-/// `filter` (or everything) minus delete markers: what counts as a stored document.
+/// `filter` (or everything) minus markers (deleted rows, truncates, empty documents): what
+/// counts as a stored document.
 fn documents_only(filter: Option<Filter>) -> Result<Filter, StageError> {
-    let marker = Condition::Field(FieldCondition::new_match(
-        path("_cdc.deleted")?,
-        Match::Value(MatchValue {
-            value: ValueVariants::Bool(true),
-        }),
-    ));
+    let flag = |name: &str| -> Result<Condition, StageError> {
+        Ok(Condition::Field(FieldCondition::new_match(
+            path(name)?,
+            Match::Value(MatchValue {
+                value: ValueVariants::Bool(true),
+            }),
+        )))
+    };
     let mut filter = filter.unwrap_or(Filter {
         should: None,
         min_should: None,
         must: None,
         must_not: None,
     });
-    filter.must_not = Some(vec![marker]);
+    filter.must_not = Some(vec![flag("_cdc.deleted")?, flag("_cdc.empty")?]);
     Ok(filter)
+}
+
+/// A vector-less point.
+fn marker_point(m: &PayloadWrite) -> qdrant_edge::PointStructPersisted {
+    PointStruct::new(
+        PointId::Uuid(m.id),
+        Vectors::new_named(Vec::<(&str, Vec<f32>)>::new()),
+        Value::Object(m.payload.clone()),
+    )
+    .into()
+}
+
+/// Rough size of a payload in bytes (for grouping requests).
+fn row_size(row: &Row) -> usize {
+    serde_json::to_string(row).map_or(0, |s| s.len())
 }
 
 /// The shard's `text` vector must have the model's size and cosine distance.
@@ -247,36 +278,31 @@ impl Sink for EmbeddedSink {
         .await
     }
 
-    async fn write(&self, write: &Write) -> Result<(), StageError> {
-        let write = write.clone();
+    async fn write(&self, write: Arc<Write>) -> Result<(), StageError> {
+        let progress = Progress::current();
         self.with_shard("write", move |shard| {
-            let apply =
-                |op: UpdateOperation| shard.update(op).map_err(|e| engine_error("update", e));
+            let apply = |op: UpdateOperation| {
+                shard.update(op).map_err(|e| engine_error("update", e))?;
+                progress.beat();
+                crate::faults::after_write_request();
+                Ok::<(), StageError>(())
+            };
+            let upsert = |points: Vec<qdrant_edge::PointStructPersisted>| {
+                apply(UpdateOperation::PointOperation(
+                    PointOperations::UpsertPoints(PointInsertOperations::PointsList(points)),
+                ))
+            };
             for table in &write.truncate_tables {
                 apply(UpdateOperation::PointOperation(
                     PointOperations::DeletePointsByFilter(table_filter(table)?),
                 ))?;
             }
+            if !write.table_markers.is_empty() {
+                upsert(write.table_markers.iter().map(marker_point).collect())?;
+            }
             for key in &write.delete_keys {
                 apply(UpdateOperation::PointOperation(
                     PointOperations::DeletePointsByFilter(key_filter(key)?),
-                ))?;
-            }
-            if !write.markers.is_empty() {
-                let markers = write
-                    .markers
-                    .iter()
-                    .map(|m| {
-                        PointStruct::new(
-                            PointId::Uuid(m.id),
-                            Vectors::new_named(Vec::<(&str, Vec<f32>)>::new()),
-                            Value::Object(m.payload.clone()),
-                        )
-                        .into()
-                    })
-                    .collect();
-                apply(UpdateOperation::PointOperation(
-                    PointOperations::UpsertPoints(PointInsertOperations::PointsList(markers)),
                 ))?;
             }
             if !write.delete_points.is_empty() {
@@ -289,9 +315,17 @@ impl Sink for EmbeddedSink {
                     PointOperations::DeletePoints { ids },
                 ))?;
             }
-            if !write.upserts.is_empty() {
-                let points = write
-                    .upserts
+            if !write.markers.is_empty() {
+                upsert(write.markers.iter().map(marker_point).collect())?;
+            }
+            // In order, in groups: every document's chunk 0 comes after its other chunks.
+            let sizes: Vec<usize> = write
+                .upserts
+                .iter()
+                .map(|p| 64 + 4 * p.vector.len() + row_size(&p.payload))
+                .collect();
+            for group in split_ranges(&sizes, MAX_POINTS, MAX_BYTES) {
+                let points = write.upserts[group]
                     .iter()
                     .map(|p| {
                         PointStruct::new(
@@ -302,19 +336,17 @@ impl Sink for EmbeddedSink {
                         .into()
                     })
                     .collect();
-                apply(UpdateOperation::PointOperation(
-                    PointOperations::UpsertPoints(PointInsertOperations::PointsList(points)),
-                ))?;
+                upsert(points)?;
             }
             for update in &write.payload_updates {
-                apply(UpdateOperation::PayloadOperation(PayloadOps::SetPayload(
-                    SetPayloadOp {
+                apply(UpdateOperation::PayloadOperation(
+                    PayloadOps::OverwritePayload(SetPayloadOp {
                         payload: Payload(update.payload.clone().into_iter().collect()),
                         points: Some(vec![PointId::Uuid(update.id)]),
                         filter: None,
                         key: None,
-                    },
-                )))?;
+                    }),
+                ))?;
             }
             shard.flush().map_err(|e| engine_error("flush", e))
         })

@@ -10,16 +10,18 @@
 //! `GET /healthz`. Timeouts and 5xx are transient (the pipeline retries), 4xx poison.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::{Hit, Sink, StoredPoint, Write, sort_by_chunk};
-use crate::batch::{StoredState, stored_state};
 use crate::config::{SinkConfig, read_secret, redact_url};
 use crate::error::StageError;
 use crate::model::{DocumentKey, Row};
+use crate::progress::Progress;
+use crate::stored::{StoredKind, StoredState, key_of, stored_state};
 
 pub struct LlamaIndexSink {
     client: reqwest::Client,
@@ -65,6 +67,7 @@ impl LlamaIndexSink {
             .text()
             .await
             .map_err(|e| StageError::from_reqwest_in(&e, "sink"))?;
+        Progress::current().beat();
         if !status.is_success() {
             // The body may quote the rejected input (row data): only its start is kept.
             return Err(StageError::from_http_status(
@@ -152,11 +155,17 @@ impl Sink for LlamaIndexSink {
         &self,
         keys: &[DocumentKey],
     ) -> Result<HashMap<DocumentKey, StoredState>, StageError> {
+        // The service keeps no markers, so no table truncate markers either.
+        let keys: Vec<DocumentKey> = keys
+            .iter()
+            .filter(|k| !k.is_table_marker())
+            .cloned()
+            .collect();
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
         let mut states = HashMap::new();
-        for doc in self.get_documents(keys, false).await? {
+        for doc in self.get_documents(&keys, false).await? {
             let Some(first) = doc["chunks"].as_array().and_then(|c| c.first()) else {
                 continue;
             };
@@ -171,10 +180,18 @@ impl Sink for LlamaIndexSink {
         Ok(states)
     }
 
-    async fn write(&self, write: &Write) -> Result<(), StageError> {
-        if !write.truncate_tables.is_empty() || !write.delete_keys.is_empty() {
-            let keys: Vec<Value> = write
-                .delete_keys
+    async fn write(&self, write: Arc<Write>) -> Result<(), StageError> {
+        // Markers are not stored by the service; a document whose text became empty is
+        // removed with its key.
+        let emptied = write
+            .markers
+            .iter()
+            .filter(|m| stored_state(&m.payload).is_some_and(|s| s.kind == StoredKind::Empty))
+            .filter_map(|m| key_of(&m.payload));
+        let delete_keys: Vec<DocumentKey> =
+            write.delete_keys.iter().cloned().chain(emptied).collect();
+        if !write.truncate_tables.is_empty() || !delete_keys.is_empty() {
+            let keys: Vec<Value> = delete_keys
                 .iter()
                 .map(|k| json!({"table": k.table, "key": k.key}))
                 .collect();
@@ -228,8 +245,16 @@ impl Sink for LlamaIndexSink {
                     .iter()
                     .map(|c| {
                         let chunk_id = c["id"].as_str().unwrap_or_default();
-                        let metadata = updates.get(chunk_id).cloned().map(Value::Object).unwrap_or_else(|| c["metadata"].clone());
-                        json!({"id": chunk_id, "text": c["text"], "embedding": c.get("embedding").cloned().unwrap_or(Value::Null), "metadata": metadata})
+                        // A payload write carries the whole payload, its text included.
+                        let (text, metadata) = match updates.get(chunk_id) {
+                            Some(update) => {
+                                let mut metadata = update.clone();
+                                let text = metadata.remove("text").unwrap_or_else(|| c["text"].clone());
+                                (text, Value::Object(metadata))
+                            }
+                            None => (c["text"].clone(), c["metadata"].clone()),
+                        };
+                        json!({"id": chunk_id, "text": text, "embedding": c.get("embedding").cloned().unwrap_or(Value::Null), "metadata": metadata})
                     })
                     .collect();
                 documents.entry(id).or_insert(resent);

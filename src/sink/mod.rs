@@ -2,12 +2,14 @@
 //!
 //! Implementations: [`embedded`] (qdrant-edge in-process, the zero-setup default), [`qdrant`]
 //! (a Qdrant server over gRPC) and [`llamaindex`] (the python-indexer service). All share the
-//! data model of DESIGN §4: one collection, named dense vector `text` (cosine), one point per
-//! chunk with a deterministic id, and a `_cdc` payload object with `table`, `key`, `chunk`,
-//! `chunks`, `hash`, `position`, `source_ts_ms`.
+//! data model of DESIGN §4 and [`crate::stored`]: one collection, named dense vector `text`
+//! (cosine), one point per chunk with a deterministic id, chunk 0 the document's commit
+//! record, vector-less markers.
 //!
 //! Contract: when [`Sink::write`] returns `Ok`, the write is durable (a crash now loses
-//! nothing), because the pipeline acks right after.
+//! nothing), because the pipeline acks right after. A sink applies a [`Write`] in its order
+//! and never reorders it: a crash between two of its requests must leave every document
+//! either as it was or with its new chunks but its old chunk 0, which the redelivery repairs.
 
 pub mod embedded;
 pub mod llamaindex;
@@ -17,12 +19,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde_json::Value;
 
-use crate::batch::{PayloadWrite, StoredState, WritePlan};
+use crate::batch::{PayloadWrite, WritePlan};
 use crate::config::{Config, SinkKind};
 use crate::error::StageError;
 use crate::model::{DocumentKey, Row};
+use crate::stored::StoredState;
 
 /// The name of the dense vector in every collection.
 pub const VECTOR_NAME: &str = "text";
@@ -35,15 +37,19 @@ pub struct Point {
     pub payload: Row,
 }
 
-/// One batch's writes with vectors filled in.
+/// One batch's writes with vectors filled in, in the order they must be applied (see
+/// [`WritePlan`]): truncates (delete by table, then the table markers), key deletes, point
+/// deletes, markers, upserts (commit records last), payload overwrites.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Write {
     pub truncate_tables: Vec<String>,
+    pub table_markers: Vec<PayloadWrite>,
     pub delete_keys: Vec<DocumentKey>,
     pub delete_points: Vec<uuid::Uuid>,
-    /// Vector-less delete markers (see `batch::WritePlan::markers`).
+    /// Vector-less points: delete markers, empty documents (see `WritePlan::markers`).
     pub markers: Vec<PayloadWrite>,
     pub upserts: Vec<Point>,
+    /// Whole chunk-0 payloads of documents whose vectors stay (nulls kept).
     pub payload_updates: Vec<PayloadWrite>,
 }
 
@@ -62,6 +68,7 @@ impl Write {
             .collect();
         Write {
             truncate_tables: plan.truncate_tables,
+            table_markers: plan.table_markers,
             delete_keys: plan.delete_keys,
             delete_points: plan.delete_points,
             markers: plan.markers,
@@ -104,18 +111,20 @@ pub trait Sink: Send + Sync {
     /// is a fatal error naming both.
     async fn prepare(&self, vector_size: usize) -> Result<(), StageError>;
 
-    /// What the index holds for these keys (from chunk 0), in one call.
+    /// What the index holds for these keys (from chunk 0, markers included; a table's
+    /// truncate marker is the key [`DocumentKey::table_marker`]), in one call.
     async fn read_states(
         &self,
         keys: &[DocumentKey],
     ) -> Result<HashMap<DocumentKey, StoredState>, StageError>;
 
-    /// Applies a batch in order: truncates, deletes, surplus deletes, upserts, payload
-    /// updates. Durable when it returns `Ok`. A poison error carries `item` = the index in
-    /// `upserts` of the offending point when the sink can tell.
-    async fn write(&self, write: &Write) -> Result<(), StageError>;
+    /// Applies a batch in the order of [`Write`]. Durable when it returns `Ok`. A poison
+    /// error carries `item` = the index in `upserts` of the offending point when the sink can
+    /// tell.
+    async fn write(&self, write: Arc<Write>) -> Result<(), StageError>;
 
-    /// Nearest chunks to `vector`, optionally within one table.
+    /// Nearest chunks to `vector`, optionally within one table. Hits carry their document's
+    /// row fields (joined from chunk 0 by [`search_with_fields`]).
     async fn search(
         &self,
         vector: Vec<f32>,
@@ -147,11 +156,31 @@ pub async fn from_config(config: &Config) -> Result<Arc<dyn Sink>, StageError> {
 
 /// Sorts stored points by `_cdc.chunk`.
 pub fn sort_by_chunk(points: &mut [StoredPoint]) {
-    points.sort_by_key(|p| {
-        p.payload
-            .get("_cdc")
-            .and_then(|c| c.get("chunk"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-    });
+    points.sort_by_key(|p| crate::stored::chunk_of(&p.payload));
+}
+
+/// [`Sink::search`], with every hit's document fields joined in from its chunk 0 (row fields
+/// are stored once per document).
+pub async fn search_with_fields(
+    sink: &dyn Sink,
+    vector: Vec<f32>,
+    table: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Hit>, StageError> {
+    let mut hits = sink.search(vector, table, limit).await?;
+    let keys: Vec<DocumentKey> = hits
+        .iter()
+        .filter(|h| crate::stored::chunk_of(&h.payload) != 0)
+        .filter_map(|h| crate::stored::key_of(&h.payload))
+        .collect();
+    if keys.is_empty() {
+        return Ok(hits);
+    }
+    let states = sink.read_states(&keys).await?;
+    for hit in &mut hits {
+        if let Some(state) = crate::stored::key_of(&hit.payload).and_then(|k| states.get(&k)) {
+            crate::stored::join_fields(&mut hit.payload, &state.payload);
+        }
+    }
+    Ok(hits)
 }

@@ -10,11 +10,16 @@
 //! the pipeline may ack. Any other status (say `WaitTimeout`) is a transient error and the
 //! batch is retried, which is safe because every operation we send is idempotent.
 //!
-//! **Round trips.** A batch costs a few calls, not one per document: the removals (truncates,
-//! key deletes, delete markers, surplus chunks) go as ordered `update_batch` requests, upserts
-//! in requests of at most [`MAX_POINTS`] points or about [`MAX_BYTES`], payload updates as
-//! ordered `update_batch` requests again. Qdrant applies a batch's operations one after the
-//! other and stops at the first failure; a retry repeats them all, harmlessly.
+//! **Round trips and order.** A batch costs a few calls, not one per document, always in the
+//! order of [`Write`]: the removals and markers (truncates and their table markers, key
+//! deletes, surplus chunks, delete markers, empty documents) as ordered `update_batch`
+//! requests, then upserts in requests of at most [`MAX_POINTS`] points or about
+//! [`MAX_BYTES`] — every document's chunk 0, its commit record, after its other chunks, so a
+//! crash between two requests never leaves a chunk 0 that vouches for chunks not written —
+//! then payload overwrites of chunk 0 as ordered `update_batch` requests. Qdrant applies a
+//! batch's operations one after the other and stops at the first failure; a retry repeats
+//! them all, harmlessly. Payload writes *overwrite* (Qdrant's `set_payload` merge drops keys
+//! whose value is `null`; an upsert and an overwrite keep them).
 //!
 //! **Errors** become pipeline decisions in one place, [`classify`]: the server unreachable,
 //! overloaded, timing out or failing internally is transient (retry, keep order, pause
@@ -31,6 +36,7 @@
 //! configuration. The compatibility check is skipped: it blocks and prints to stdout.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -45,10 +51,12 @@ use qdrant_client::{Payload, Qdrant, QdrantError};
 use serde_json::Value;
 
 use super::{Hit, Sink, StoredPoint, VECTOR_NAME, Write, sort_by_chunk};
-use crate::batch::{StoredState, split_ranges, stored_state};
+use crate::batch::{PayloadWrite, split_ranges};
 use crate::config::{SinkConfig, read_secret, redact_url};
 use crate::error::{ErrorKind, StageError};
 use crate::model::{DocumentKey, Row};
+use crate::progress::Progress;
+use crate::stored::{StoredState, stored_state};
 
 /// Most points in one upsert request.
 const MAX_POINTS: usize = 256;
@@ -159,6 +167,8 @@ impl QdrantSink {
                 )
                 .await
                 .map_err(|e| self.err(what, e))?;
+            Progress::current().beat();
+            crate::faults::after_write_request();
             if response.result.len() != group.len() {
                 return Err(StageError::transient(format!(
                     "Qdrant at {} ({what} on `{}`): {} results for {} operations; retrying",
@@ -378,11 +388,38 @@ fn table_filter(table: &str) -> Filter {
     Filter::must([keyword("_cdc.table", table)])
 }
 
-/// `filter` (or everything) minus delete markers: what counts as a stored document.
+/// `filter` (or everything) minus markers (deleted rows, truncates, empty documents): what
+/// counts as a stored document.
 fn documents_only(filter: Option<Filter>) -> Filter {
     let mut filter = filter.unwrap_or_default();
-    filter.must_not = vec![Condition::matches("_cdc.deleted", true)];
+    filter.must_not = vec![
+        Condition::matches("_cdc.deleted", true),
+        Condition::matches("_cdc.empty", true),
+    ];
     filter
+}
+
+/// Vector-less points, in groups, as ordered operations.
+fn marker_ops(markers: &[PayloadWrite]) -> Vec<(PointsUpdateOperation, usize)> {
+    let sizes: Vec<usize> = markers.iter().map(|m| 64 + row_size(&m.payload)).collect();
+    split_ranges(&sizes, MAX_POINTS, MAX_BYTES)
+        .into_iter()
+        .map(|group| {
+            let size = sizes[group.clone()].iter().sum();
+            let points = markers[group]
+                .iter()
+                .map(|m| {
+                    // No vector: searches never find it; `fetch` and `count` filter it out.
+                    PointStruct::new(
+                        point_id(&m.id),
+                        NamedVectors::default(),
+                        qdrant_payload(&m.payload),
+                    )
+                })
+                .collect();
+            (upsert_op(points), size)
+        })
+        .collect()
 }
 
 fn point_id(id: &uuid::Uuid) -> PointId {
@@ -429,11 +466,11 @@ fn upsert_op(points: Vec<PointStruct>) -> PointsUpdateOperation {
     }
 }
 
-/// Merges `payload` into one point's payload (top-level keys replaced, others kept).
-fn set_payload_op(id: &uuid::Uuid, payload: &Row) -> PointsUpdateOperation {
+/// Replaces one point's whole payload (its vectors stay).
+fn overwrite_payload_op(id: &uuid::Uuid, payload: &Row) -> PointsUpdateOperation {
     PointsUpdateOperation {
-        operation: Some(points_update_operation::Operation::SetPayload(
-            points_update_operation::SetPayload {
+        operation: Some(points_update_operation::Operation::OverwritePayload(
+            points_update_operation::OverwritePayload {
                 payload: qdrant_payload(payload),
                 points_selector: Some(vec![point_id(id)].into()),
                 ..Default::default()
@@ -494,47 +531,29 @@ impl Sink for QdrantSink {
         Ok(states)
     }
 
-    async fn write(&self, write: &Write) -> Result<(), StageError> {
-        // 1. Removals, in order: truncates, key deletes, their markers, surplus chunks.
+    async fn write(&self, write: Arc<Write>) -> Result<(), StageError> {
+        // 1. Removals and markers, in order.
         let mut removals = Vec::new();
         for table in &write.truncate_tables {
             removals.push((delete_op(table_filter(table)), 64 + table.len()));
         }
+        removals.extend(marker_ops(&write.table_markers));
         for key in &write.delete_keys {
             removals.push((
                 delete_op(key_filter(key)),
                 64 + key.table.len() + key.key.len(),
             ));
         }
-        let marker_sizes: Vec<usize> = write
-            .markers
-            .iter()
-            .map(|m| 64 + row_size(&m.payload))
-            .collect();
-        for group in split_ranges(&marker_sizes, MAX_POINTS, MAX_BYTES) {
-            let size = marker_sizes[group.clone()].iter().sum();
-            let markers = &write.markers[group];
-            let points = markers
-                .iter()
-                .map(|m| {
-                    // No vector: searches never find it; `fetch` and `count` filter it out.
-                    PointStruct::new(
-                        point_id(&m.id),
-                        NamedVectors::default(),
-                        qdrant_payload(&m.payload),
-                    )
-                })
-                .collect();
-            removals.push((upsert_op(points), size));
-        }
         for ids in write.delete_points.chunks(MAX_OPS * 8) {
             let ids: Vec<PointId> = ids.iter().map(point_id).collect();
             let size = 48 * ids.len();
             removals.push((delete_op(ids), size));
         }
+        removals.extend(marker_ops(&write.markers));
         self.update_batch("delete", removals).await?;
 
-        // 2. Upserts, with their vectors. A refused one-point request names its point.
+        // 2. Upserts with their vectors, in order (commit records last). A refused one-point
+        //    request names its point.
         let sizes: Vec<usize> = write
             .upserts
             .iter()
@@ -563,16 +582,23 @@ impl Sink for QdrantSink {
                         err
                     }
                 })?;
+            Progress::current().beat();
+            crate::faults::after_write_request();
             self.completed("upsert", response.result.as_ref())?;
         }
 
-        // 3. Payload updates (vectors unchanged).
+        // 3. Payload overwrites of chunk 0 (vectors unchanged).
         let updates = write
             .payload_updates
             .iter()
-            .map(|u| (set_payload_op(&u.id, &u.payload), 64 + row_size(&u.payload)))
+            .map(|u| {
+                (
+                    overwrite_payload_op(&u.id, &u.payload),
+                    64 + row_size(&u.payload),
+                )
+            })
             .collect();
-        self.update_batch("set_payload", updates).await
+        self.update_batch("overwrite_payload", updates).await
     }
 
     async fn search(

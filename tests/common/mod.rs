@@ -3,6 +3,8 @@
 //! embedded index opened through the library once the daemon has stopped.
 #![allow(dead_code)]
 
+pub mod debezium;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -98,6 +100,11 @@ listen = "{http}"
 
     /// Starts the daemon (`cdc-indexer run`).
     pub fn start(&self) -> Daemon {
+        self.start_with(&[])
+    }
+
+    /// Starts the daemon with extra environment variables.
+    pub fn start_with(&self, env: &[(&str, &str)]) -> Daemon {
         let log = std::fs::File::create(
             self.dir
                 .path()
@@ -107,6 +114,11 @@ listen = "{http}"
         let child = Command::new(env!("CARGO_BIN_EXE_cdc-indexer"))
             .args(["--config", self.config_path.to_str().expect("utf8"), "run"])
             .env("CDC_INDEXER_LOG", "info,cdc_indexer=debug")
+            .env(
+                "CDC_INDEXER__PIPELINE__STATE_DIR",
+                self.dir.path().join("state"),
+            )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
