@@ -229,6 +229,9 @@ pub struct EmbeddingConfig {
     pub tls_client_cert_file: Option<PathBuf>,
     /// http over https: PEM private key of `tls_client_cert_file`. Default: none.
     pub tls_client_key_file: Option<PathBuf>,
+    /// http: most requests in flight at once. The number adapts between 1 and this to the
+    /// service's latency and back-pressure (429/503). Default 4.
+    pub max_in_flight: usize,
 }
 
 impl Default for EmbeddingConfig {
@@ -250,6 +253,7 @@ impl Default for EmbeddingConfig {
             tls_ca_file: None,
             tls_client_cert_file: None,
             tls_client_key_file: None,
+            max_in_flight: 4,
         }
     }
 }
@@ -510,6 +514,9 @@ impl Config {
         }
         if self.embedding.batch_size == 0 {
             return Err("embedding.batch_size: must be at least 1".into());
+        }
+        if self.embedding.max_in_flight == 0 {
+            return Err("embedding.max_in_flight: must be at least 1".into());
         }
         if self.embedding.dimensions == 0 {
             return Err("embedding.dimensions: must be at least 1".into());

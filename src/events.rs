@@ -34,10 +34,13 @@ impl InternalEvent for EventReceived<'_> {
 pub struct TextsEmbedded {
     pub texts: usize,
     pub took: Duration,
+    /// The embedder's concurrency limit now.
+    pub concurrency: usize,
 }
 
 impl InternalEvent for TextsEmbedded {
     fn emit(self, m: &Metrics) {
+        m.embed_concurrency.set(self.concurrency as i64);
         if self.texts > 0 {
             m.embed_seconds.observe(self.took.as_secs_f64());
             m.texts_embedded.inc_by(self.texts as u64);

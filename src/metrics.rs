@@ -57,6 +57,8 @@ pub struct Metrics {
     pub crash_journal_ok: IntGauge,
     /// Batches the index refused as a whole (then bisected).
     pub write_rejections: IntCounter,
+    /// Embedding requests allowed in flight (adaptive for a remote service).
+    pub embed_concurrency: IntGauge,
     pub health: Arc<Health>,
 }
 
@@ -299,6 +301,10 @@ impl Metrics {
                 g.set(1);
                 g
             },
+            embed_concurrency: gauge(
+                "embed_concurrency",
+                "Embedding requests allowed in flight at once (adapts to a remote service's latency and back-pressure, up to embedding.max_in_flight).",
+            )?,
             write_rejections: counter(
                 "write_rejections_total",
                 "Batches the index refused as a whole (then written by halves to find the refused documents).",

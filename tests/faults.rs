@@ -11,8 +11,15 @@ use common::*;
 use rand::Rng;
 use serde_json::json;
 
-const PRODUCTS: &str =
-    "[[tables]]\ntable = \"public.products\"\nid_columns = [\"id\"]\ntext = \"{name}\"\n";
+/// Documents of one to several chunks (the description grows with the position).
+const PRODUCTS: &str = "[[tables]]\ntable = \"public.products\"\nid_columns = [\"id\"]\ntext = \"{name}\\n\\n{description}\"\nchunk_size = 60\nchunk_overlap = 10\n";
+
+fn description(id: u64, lsn: u64) -> String {
+    (0..(lsn % 9))
+        .map(|i| format!("part{i} of {id}@{lsn}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 /// One generated change: key, op, source position.
 #[derive(Clone, Debug)]
@@ -24,7 +31,8 @@ struct Change {
 
 impl Change {
     fn body(&self) -> Vec<u8> {
-        let row = json!({"id": self.id, "name": format!("product {} at {}", self.id, self.lsn)});
+        let row = json!({"id": self.id, "name": format!("product {} at {}", self.id, self.lsn),
+            "description": description(self.id, self.lsn)});
         let (before, after) = if self.op == "d" {
             (row, json!(null))
         } else {
@@ -60,37 +68,49 @@ fn random_changes(n: u64, keys: u64) -> Vec<Change> {
         .collect()
 }
 
-/// Final state: id → expected name, for ids whose last change is not a delete.
-fn expected(changes: &[Change]) -> BTreeMap<u64, String> {
+/// Final state: id → (expected name, expected text), for ids whose last change is not a delete.
+fn expected(changes: &[Change]) -> BTreeMap<u64, (String, String)> {
     let mut last = BTreeMap::new();
     for c in changes {
         last.insert(c.id, c.clone());
     }
     last.into_values()
         .filter(|c| c.op != "d")
-        .map(|c| (c.id, format!("product {} at {}", c.id, c.lsn)))
+        .map(|c| {
+            let name = format!("product {} at {}", c.id, c.lsn);
+            let text = format!("{name}\n\n{}", description(c.id, c.lsn))
+                .trim()
+                .to_string();
+            (c.id, (name, text))
+        })
         .collect()
 }
 
-async fn assert_index_equals(w: &World, want: &BTreeMap<u64, String>, keys: u64) {
+async fn assert_index_equals(w: &World, want: &BTreeMap<u64, (String, String)>, keys: u64) {
     let index = w.index().await;
-    assert_eq!(
-        index.count(Some("public.products")).await,
-        want.len() as u64,
-        "point count"
-    );
+    let mut points = 0;
     for id in 1..=keys {
         let doc = index
             .doc("public.products", &format!("{{\"id\":{id}}}"))
             .await;
         match want.get(&id) {
-            Some(name) => {
-                assert_eq!(doc.len(), 1, "id {id} missing");
+            Some((name, text)) => {
+                let chunks = cdc_indexer::mapping::chunk_text(text, 60, 10);
+                assert_eq!(doc.len(), chunks.len(), "id {id}: chunks");
+                for (i, p) in doc.iter().enumerate() {
+                    assert_eq!(p.payload["text"], json!(chunks[i]), "id {id} chunk {i}");
+                }
                 assert_eq!(doc[0].payload["name"], json!(name), "id {id}");
+                points += doc.len();
             }
             None => assert!(doc.is_empty(), "id {id} should be deleted: {doc:?}"),
         }
     }
+    assert_eq!(
+        index.count(Some("public.products")).await,
+        points as u64,
+        "point count"
+    );
 }
 
 async fn publish_all(w: &World, changes: &[Change]) {
@@ -258,7 +278,7 @@ async fn every_poison_message_is_dead_lettered_with_a_reason_and_the_daemon_stay
         ("JSON array", b"[1,2,3]".to_vec()),
         ("delete without before", br#"{"op":"d","source":{"schema":"public","table":"products"},"before":null}"#.to_vec()),
     ];
-    let good = br#"{"op":"c","source":{"name":"dbserver1","schema":"public","table":"products","lsn":9},"after":{"id":42,"name":"the good one"}}"#;
+    let good = br#"{"op":"c","source":{"name":"dbserver1","schema":"public","table":"products","lsn":9},"after":{"id":42,"name":"the good one","description":"fine"}}"#;
     let conn = connect().await;
     let ch = confirm_channel(&conn).await;
     let mut d = w.start();
@@ -380,11 +400,8 @@ async fn a_sink_outage_of_30_seconds_pauses_intake_and_loses_nothing() {
     config.sink.url = format!("http://127.0.0.1:{port}");
     let sink = cdc_indexer::sink::from_config(&config).await.expect("sink");
     let want = expected(&changes);
-    assert_eq!(
-        sink.count(Some("public.products")).await.expect("count"),
-        want.len() as u64
-    );
-    for (id, name) in &want {
+    let mut points = 0;
+    for (id, (name, text)) in &want {
         let doc = sink
             .fetch(&cdc_indexer::model::DocumentKey {
                 table: "public.products".into(),
@@ -392,9 +409,15 @@ async fn a_sink_outage_of_30_seconds_pauses_intake_and_loses_nothing() {
             })
             .await
             .expect("fetch");
-        assert_eq!(doc.len(), 1, "id {id}");
+        let chunks = cdc_indexer::mapping::chunk_text(text, 60, 10);
+        assert_eq!(doc.len(), chunks.len(), "id {id}");
         assert_eq!(doc[0].payload["name"], json!(name));
+        points += doc.len();
     }
+    assert_eq!(
+        sink.count(Some("public.products")).await.expect("count"),
+        points as u64
+    );
     println!(
         "outage: python-indexer down {:?}, {retries} retries, longest heartbeat silence {longest_silence:.1} s, {} events, 0 dead-lettered, all indexed after recovery",
         outage.elapsed(),
@@ -457,14 +480,129 @@ async fn sigterm_during_a_sink_outage_exits_within_the_deadline_and_acks_nothing
     let mut config = w.config();
     config.sink.url = format!("http://127.0.0.1:{port}");
     let sink = cdc_indexer::sink::from_config(&config).await.expect("sink");
+    let points: usize = expected(&changes)
+        .values()
+        .map(|(_, text)| cdc_indexer::mapping::chunk_text(text, 60, 10).len())
+        .sum();
     assert_eq!(
         sink.count(Some("public.products")).await.expect("count"),
-        expected(&changes).len() as u64
+        points as u64
     );
     assert!(w.drain_dlq().await.is_empty());
     println!(
         "shutdown during outage: exited {took:?} after SIGTERM (deadline 3 s), 0 acked, all {} events indexed after restart",
         changes.len()
     );
+    w.cleanup().await;
+}
+
+/// A document of more than one write request (here 300 chunks: the embedded index writes at
+/// most 256 points per operation), updated; the daemon crashes right after the first request
+/// of the update. Chunk 0 is the commit record and is written last, so the crash leaves the
+/// old chunk 0 vouching for the old text, and the redelivery rewrites the document whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_two_writes_of_a_document_is_repaired_by_the_redelivery() {
+    let rules = "[[tables]]\ntable = \"public.products\"\nid_columns = [\"id\"]\ntext = \"{name}\\n\\n{description}\"\nchunk_size = 60\nchunk_overlap = 0\nmax_chunks = 1000\n";
+    let w = World::new("commit-record", rules, "");
+    w.declare().await;
+    let body = |version: &str, lsn: u64| {
+        let description: Vec<String> = (0..300)
+            .map(|i| format!("{version} sentence {i:03} of the long one, padded to sixty ch."))
+            .collect();
+        json!({"op": "u", "before": null,
+            "after": {"id": 1, "name": format!("{version} long"), "description": description.join(" ")},
+            "source": {"name": "dbserver1", "schema": "public", "table": "products", "lsn": lsn, "ts_ms": 1}})
+        .to_string()
+        .into_bytes()
+    };
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    w.publish(&ch, "dbserver1.public.products", &body("v1", 10))
+        .await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    wait_drained(&w, &mut d).await;
+    assert!(d.sigterm().success());
+
+    w.publish(&ch, "dbserver1.public.products", &body("v2", 20))
+        .await;
+    let mut d = w.start_with(&[("CDC_INDEXER_TEST_ABORT_AFTER_WRITES", "1")]);
+    let died = d.wait_exit(Duration::from_secs(120));
+    assert!(!died.success(), "the test fault must crash it: {}", d.log());
+
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    wait_drained(&w, &mut d).await;
+    assert!(d.sigterm().success());
+    let index = w.index().await;
+    let doc = index.doc("public.products", r#"{"id":1}"#).await;
+    let chunks = doc[0].payload["_cdc"]["chunks"].as_u64().unwrap_or(0) as usize;
+    assert!(chunks > 256, "{chunks} chunks: more than one write request");
+    assert_eq!(doc.len(), chunks);
+    for (i, p) in doc.iter().enumerate() {
+        assert!(
+            p.payload["text"].as_str().is_some_and(|t| t.contains("v2")),
+            "chunk {i} is still of the old version: {}",
+            p.payload["text"]
+        );
+        assert_eq!(
+            p.payload["_cdc"]["hash"], doc[0].payload["_cdc"]["hash"],
+            "chunk {i}"
+        );
+    }
+    assert!(w.drain_dlq().await.is_empty(), "nothing dead-lettered");
+    let _ = conn.close(200, "ok".into()).await;
+    w.cleanup().await;
+}
+
+/// A proxy or a service that refuses large requests (413) refuses the batch but takes each
+/// document alone: the daemon writes the batch in halves instead of rewriting it for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_whole_but_taken_document_by_document_is_bisected_not_looped() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let _service = PythonIndexer::start_on_with(
+        dir.path(),
+        port,
+        &[("PYTHON_INDEXER_MAX_BODY_BYTES", "40000")],
+    );
+    let w = World::new("bisect-413", PRODUCTS, "");
+    let text = std::fs::read_to_string(&w.config_path).expect("config");
+    let text = text.replace(
+        &format!(
+            "[sink]\npath = \"{}\"",
+            w.dir.path().join("index").display()
+        ),
+        "",
+    ) + &format!("[sink]\nkind = \"llamaindex\"\nurl = \"http://127.0.0.1:{port}\"\n");
+    std::fs::write(&w.config_path, text).expect("config");
+    w.declare().await;
+    // 40 one-chunk documents: about 8 KB each with its vector, 300 KB as one request.
+    let changes: Vec<Change> = (1..=40)
+        .map(|id| Change {
+            id,
+            op: "c",
+            lsn: 9,
+        })
+        .collect();
+    publish_all(&w, &changes).await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    wait_drained(&w, &mut d).await;
+    let rejections = d.metric_sum("cdc_indexer_write_rejections_total");
+    assert!(d.sigterm().success());
+    assert!(rejections >= 1.0, "the service refused the whole batch");
+    assert!(
+        w.drain_dlq().await.is_empty(),
+        "nothing dead-lettered: every document fits alone"
+    );
+    let mut config = w.config();
+    config.sink.url = format!("http://127.0.0.1:{port}");
+    let sink = cdc_indexer::sink::from_config(&config).await.expect("sink");
+    assert_eq!(
+        sink.count(Some("public.products")).await.expect("count"),
+        40
+    );
+    println!("bisect: {rejections} whole-batch refusals, all 40 documents written by halves");
     w.cleanup().await;
 }

@@ -88,16 +88,11 @@ async fn http_provider_matches_the_local_model_and_isolates_a_rejected_input() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn daemon_with_the_http_provider_dead_letters_only_the_rejected_event() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let service = PythonIndexer::start(dir.path());
-    let extra = format!(
-        "[embedding]\nprovider = \"http\"\nurl = \"{}/v1\"\n",
-        service.url
-    );
+/// A World whose embedder is the python-indexer's `/v1/embeddings`.
+fn http_world(test: &str, url: &str, embedding: &str) -> World {
+    let extra = format!("[embedding]\nprovider = \"http\"\nurl = \"{url}/v1\"\n{embedding}");
     let w = World::new(
-        "http-embed",
+        test,
         "[[tables]]\ntable = \"public.products\"\nid_columns = [\"id\"]\ntext = \"{name}\"\n",
         "",
     );
@@ -106,10 +101,13 @@ async fn daemon_with_the_http_provider_dead_letters_only_the_rejected_event() {
         .expect("config")
         .replace("[embedding]\n", &extra);
     std::fs::write(&w.config_path, text).expect("config");
-    w.declare().await;
+    w
+}
+
+async fn publish_names(w: &World, names: &[(u64, &str)]) {
     let conn = connect().await;
     let ch = confirm_channel(&conn).await;
-    for (id, name) in [(1, "a red bicycle"), (2, ""), (3, "a tent")] {
+    for (id, name) in names {
         let body = serde_json::json!({"op": "c", "after": {"id": id, "name": name}, "source": {"name": "dbserver1", "schema": "public", "table": "products", "lsn": id}});
         w.publish(
             &ch,
@@ -118,20 +116,74 @@ async fn daemon_with_the_http_provider_dead_letters_only_the_rejected_event() {
         )
         .await;
     }
+    let _ = conn.close(200, "ok".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_with_the_http_provider_dead_letters_only_the_rejected_event() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // The service refuses inputs over 40 characters, as a provider refuses inputs beyond
+    // its context; and, like every provider, empty inputs.
+    let service = PythonIndexer::start_on_with(
+        dir.path(),
+        free_port(),
+        &[("PYTHON_INDEXER_MAX_INPUT_CHARS", "40")],
+    );
+    let w = http_world("http-embed", &service.url, "");
+    w.declare().await;
+    publish_names(
+        &w,
+        &[
+            (1, "a red bicycle"),
+            (2, "a name far too long for this embedding service to take"),
+            (3, "a tent"),
+            (4, ""),
+        ],
+    )
+    .await;
     let mut d = w.start();
     d.wait_ready(Duration::from_secs(60));
-    d.wait_processed(3.0, Duration::from_secs(60));
+    d.wait_processed(4.0, Duration::from_secs(60));
+    let empty = d.metric_sum("cdc_indexer_empty_documents_total");
     assert!(d.sigterm().success());
     let dead = w.drain_dlq().await;
-    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead.len(),
+        1,
+        "{:?}",
+        dead.iter().map(|d| &d.1).collect::<Vec<_>>()
+    );
     assert_eq!(dead[0].1["x-cdc-error-kind"], "embed");
     assert!(
         dead[0].2.windows(7).any(|w| w == b"\"id\":2,"),
-        "the empty-text event: {}",
+        "the refused event: {}",
         String::from_utf8_lossy(&dead[0].2)
     );
+    // The empty text was not sent (providers refuse it): no points, a marker, counted.
+    assert_eq!(empty, 1.0);
     let index = w.index().await;
     assert_eq!(index.count(None).await, 2);
+    assert!(index.doc("public.products", r#"{"id":4}"#).await.is_empty());
+    w.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_refuses_every_request_stops_the_daemon_instead_of_dead_lettering() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let service = PythonIndexer::start(dir.path());
+    // `dimensions = 768` sent to a 384-d model: the service refuses every request.
+    let w = http_world(
+        "http-refuses-all",
+        &service.url,
+        "dimensions = 768\nsend_dimensions = true\n",
+    );
+    w.declare().await;
+    publish_names(&w, &[(1, "one"), (2, "two"), (3, "three")]).await;
+    let mut d = w.start();
+    let status = d.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(3), "fatal: {}", d.log());
+    assert!(d.log().contains("refuses every request"), "{}", d.log());
+    assert_eq!(w.queue_depth(&w.dlq).await, 0, "nothing dead-lettered");
     w.cleanup().await;
 }
 

@@ -257,7 +257,7 @@ def search(body: SearchRequest, request: Request):
     return {"results": results}
 
 
-def _parse_embeddings_request(raw: bytes) -> Dict[str, Any]:
+def _parse_embeddings_request(raw: bytes, max_input_chars: int = 0) -> Dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -284,9 +284,12 @@ def _parse_embeddings_request(raw: bytes) -> Dict[str, Any]:
         raise ApiError(400, "'input' must be a string or an array of strings", param="input",
                        code="invalid_type")
     for i, t in enumerate(texts):
+        where = "input" if isinstance(inp, str) else f"input[{i}]"
         if t == "":
-            where = "input" if isinstance(inp, str) else f"input[{i}]"
             raise ApiError(400, f"{where} is empty", param="input", code="invalid_value")
+        if max_input_chars and len(t) > max_input_chars:
+            raise ApiError(400, f"{where} has {len(t)} characters; at most {max_input_chars} are allowed",
+                           param="input", code="context_length_exceeded")
 
     model = body.get("model", MODEL_NAME)
     if not isinstance(model, str):
@@ -330,5 +333,7 @@ def _embeddings_response(embed_model, parsed: Dict[str, Any]) -> Response:
 
 @router.post("/v1/embeddings")
 async def embeddings(request: Request):
-    parsed = _parse_embeddings_request(await request.body())
+    parsed = _parse_embeddings_request(
+        await request.body(), request.app.state.settings.max_input_chars
+    )
     return await run_in_threadpool(_embeddings_response, request.app.state.embed_model, parsed)

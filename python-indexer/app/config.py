@@ -33,6 +33,12 @@ class Settings:
     embed_batch_size: int
     ort_threads: int
     qdrant_timeout: int
+    # Requests with a larger body are refused with 413 (a bound on what one request may
+    # hold in memory); the daemon then writes the batch in halves.
+    max_body_bytes: int = 32 * 1024 * 1024
+    # Longer embedding inputs are refused with 400, as hosted providers refuse inputs beyond
+    # their context (0: no limit).
+    max_input_chars: int = 0
 
     @property
     def model_dir(self) -> Path:
@@ -55,6 +61,8 @@ class Settings:
             embed_batch_size=int(_env("PYTHON_INDEXER_EMBED_BATCH_SIZE") or 32),
             ort_threads=int(_env("PYTHON_INDEXER_ORT_THREADS") or 0),
             qdrant_timeout=int(_env("PYTHON_INDEXER_QDRANT_TIMEOUT") or 10),
+            max_body_bytes=int(_env("PYTHON_INDEXER_MAX_BODY_BYTES") or 32 * 1024 * 1024),
+            max_input_chars=int(_env("PYTHON_INDEXER_MAX_INPUT_CHARS") or 0),
         )
 
     def describe(self) -> str:

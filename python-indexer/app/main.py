@@ -7,8 +7,9 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
-from .api import check_auth, install_error_handlers, router
+from .api import check_auth, error_body, install_error_handlers, router
 from .config import Settings
 from .embedding import OnnxMiniLMEmbedding
 from .store import DocumentStore, StoreUnavailable
@@ -50,6 +51,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         denied = check_auth(request)
         if denied is not None:
             return denied
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        limit = request.app.state.settings.max_body_bytes
+        length = request.headers.get("content-length")
+        if limit and length is not None and length.isdigit() and int(length) > limit:
+            return JSONResponse(
+                error_body(
+                    f"request body of {length} bytes is larger than {limit} "
+                    "(PYTHON_INDEXER_MAX_BODY_BYTES)",
+                    code="request_too_large",
+                ),
+                status_code=413,
+            )
         return await call_next(request)
 
     app.include_router(router)

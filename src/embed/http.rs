@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::concurrency::{Limiter, Signal};
 use super::{CANARY_TEXT, Embedder};
 use crate::config::{EmbeddingConfig, read_secret, redact_url};
 use crate::error::{ErrorKind, StageError};
@@ -24,6 +25,9 @@ pub struct HttpEmbedder {
     send_dimensions: bool,
     batch_size: usize,
     max_batch_chars: usize,
+    /// Requests in flight at once: adaptive, up to `embedding.max_in_flight`.
+    limiter: Limiter,
+    max_in_flight: usize,
 }
 
 #[derive(Deserialize)]
@@ -64,6 +68,8 @@ impl HttpEmbedder {
             send_dimensions: config.send_dimensions,
             batch_size: config.batch_size,
             max_batch_chars: config.max_batch_chars,
+            limiter: Limiter::new(config.max_in_flight),
+            max_in_flight: config.max_in_flight.max(1),
         })
     }
 
@@ -89,6 +95,9 @@ impl HttpEmbedder {
                 .await
                 .map_err(|e| StageError::from_reqwest_in(&e, "embedding"))?;
             let status = response.status();
+            if matches!(status.as_u16(), 429 | 503) {
+                self.limiter.record(Signal::Backpressure);
+            }
             if status.as_u16() == 429 && waits < MAX_RATE_LIMIT_WAITS {
                 waits += 1;
                 let delay = retry_after(response.headers())
@@ -185,11 +194,30 @@ impl Embedder for HttpEmbedder {
         self.dimensions
     }
 
+    fn concurrency(&self) -> usize {
+        self.limiter.limit()
+    }
+
+    /// Requests run concurrently (adaptive, up to `max_in_flight`); vectors come back in
+    /// the order of `texts`.
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, StageError> {
-        let mut out = Vec::with_capacity(texts.len());
-        for range in self.groups(texts) {
+        use futures_util::StreamExt;
+        let requests = self.groups(texts).into_iter().map(|range| async move {
+            let _permit = self.limiter.acquire().await;
+            let started = std::time::Instant::now();
             let start = range.start;
-            out.extend(self.request_isolating(&texts[range], start).await?);
+            let result = self.request_isolating(&texts[range], start).await;
+            self.limiter.record(match &result {
+                Ok(_) => Signal::Ok(started.elapsed()),
+                Err(e) if e.kind == ErrorKind::Transient => Signal::Backpressure,
+                Err(_) => Signal::Other,
+            });
+            result
+        });
+        let mut results = futures_util::stream::iter(requests).buffered(self.max_in_flight);
+        let mut out = Vec::with_capacity(texts.len());
+        while let Some(vectors) = results.next().await {
+            out.extend(vectors?);
         }
         Ok(out)
     }

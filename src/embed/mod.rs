@@ -4,6 +4,7 @@
 //! model files on disk, Mean pooling); [`http::HttpEmbedder`] calls an OpenAI-compatible
 //! `/v1/embeddings` service (Ollama, vLLM, TEI, OpenAI, our python-indexer).
 
+pub mod concurrency;
 pub mod http;
 pub mod local;
 
@@ -26,6 +27,11 @@ pub trait Embedder: Send + Sync {
     /// that the provider rejected, when it can tell. A rejection that a harmless canary text
     /// gets too is about the request, not the input: fatal, never poison.
     async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, StageError>;
+
+    /// Requests it may have in flight right now (adaptive for a remote service).
+    fn concurrency(&self) -> usize {
+        1
+    }
 }
 
 /// Builds the configured embedder. Fails (fatal) when model files or the runtime are missing.

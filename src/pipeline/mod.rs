@@ -345,9 +345,17 @@ impl Pipeline {
         let mut batch = Batch::new();
         let mut bytes = 0usize;
         let mut texts = 0usize;
+        // While draining after `basic.cancel`, nothing new arrives: what lapin holds comes at
+        // once, so a short silence means everything received has been taken.
+        let first_wait = if draining {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(1)
+        };
         let first = match held.take() {
             Some(d) => Some(d),
-            None => match tokio::time::timeout(Duration::from_secs(1), consumer.next()).await {
+            None => match tokio::time::timeout(first_wait, consumer.next()).await {
+                Err(_) if draining => return Ok((batch, Intake::Drained)),
                 Err(_) => return Ok((batch, Intake::Open)),
                 Ok(item) => next_delivery(item, draining)?,
             },

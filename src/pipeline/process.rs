@@ -206,6 +206,7 @@ async fn embed(
             TextsEmbedded {
                 texts: texts.len(),
                 took: started.elapsed(),
+                concurrency: p.embedder.concurrency(),
             }
             .emit(&p.metrics);
             Ok(Ok(v))

@@ -346,12 +346,17 @@ impl Daemon {
     }
 
     pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        self.sigterm_within(Duration::from_secs(30))
+    }
+
+    /// SIGTERM, then wait up to `timeout` for the exit.
+    pub fn sigterm_within(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let pid = self.child.id() as i32;
         // SAFETY-free: kill(1) with the pid; no libc binding needed.
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
-        self.wait_exit(Duration::from_secs(30))
+        self.wait_exit(timeout)
     }
 
     pub fn kill9(&mut self) {
@@ -506,6 +511,11 @@ impl PythonIndexer {
     }
 
     pub fn start_on(dir: &Path, port: u16) -> PythonIndexer {
+        Self::start_on_with(dir, port, &[])
+    }
+
+    /// With extra environment variables (`PYTHON_INDEXER_*`).
+    pub fn start_on_with(dir: &Path, port: u16, env: &[(&str, &str)]) -> PythonIndexer {
         let qdrant_path = dir.join("python-qdrant");
         let log_path = dir.join(format!("python-indexer-{port}-{}.log", rand_suffix()));
         let child = Command::new(format!("{REPO}/python-indexer/run.sh"))
@@ -514,6 +524,7 @@ impl PythonIndexer {
             .env("PYTHON_INDEXER_COLLECTION", "conformance")
             .env("CDC_INDEXER_MODELS", format!("{REPO}/.models"))
             .env_remove("QDRANT_URL")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log_path).expect("log"))
             .spawn()
