@@ -168,6 +168,12 @@ fn certificate_problem(e: &rustls::Error) -> Option<String> {
         ) => Some(format!(
             "the server refused our client certificate (alert {a:?})"
         )),
+        rustls::Error::AlertReceived(
+            a @ (A::HandshakeFailure | A::ProtocolVersion | A::InsufficientSecurity),
+        ) => Some(format!(
+            "the server refused the TLS handshake (alert {a:?}): it wants a client certificate \
+             we did not send or it does not accept, or we share no protocol version or cipher"
+        )),
         _ => None,
     }
 }

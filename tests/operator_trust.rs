@@ -51,6 +51,11 @@ fn start(w: &World, env: &[(&str, String)]) -> Daemon {
     command
         .args(["--config", path_str(&w.config_path), "run"])
         .env_remove("CDC_INDEXER_LOG")
+        // A crash journal of its own: tests run in parallel from the same directory.
+        .env(
+            "CDC_INDEXER__PIPELINE__STATE_DIR",
+            w.dir.path().join("state"),
+        )
         .stdout(Stdio::null())
         .stderr(log);
     for (k, v) in env {
@@ -360,7 +365,7 @@ fn check_config_refuses_what_run_would_refuse_and_run_refuses_it_the_same_way() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_start_and_stop_log_no_error_and_no_warning() {
     // A first start: nothing declared yet (the queue-depth poller must not race the declare).
-    let w = World::new("quiet", PRODUCTS, "[pipeline]\nshutdown_deadline_ms = 20\n");
+    let w = World::new("quiet", PRODUCTS, "");
     let mut d = start(&w, &[]);
     d.wait_ready(Duration::from_secs(90));
     let conn = connect().await;
@@ -383,7 +388,10 @@ async fn a_clean_start_and_stop_log_no_error_and_no_warning() {
     // A stop with a short deadline while the model is busy: the batch is handed back and
     // ONNX Runtime is idle before exit (no `[E:onnxruntime...]` line after "stopped cleanly").
     clear_logs(&w);
-    let mut d = start(&w, &[]);
+    let mut d = start(
+        &w,
+        &[("CDC_INDEXER__PIPELINE__SHUTDOWN_DEADLINE_MS", "20".into())],
+    );
     d.wait_ready(Duration::from_secs(90));
     for id in 100..400 {
         w.publish(&ch, "dbserver1.public.products", &event(id))
