@@ -227,6 +227,60 @@ pub fn join_fields(hit: &mut Row, chunk0: &Row) {
     }
 }
 
+/// What the index will hold for the keys a write touches, once the write is applied: lets
+/// the next batch be planned while this one is still being written (the next batch's reads
+/// may or may not see it; applying the overlay makes both the same).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Overlay {
+    /// Tables the write truncates: what the index held for them is gone.
+    truncated: std::collections::HashSet<String>,
+    /// Chunk-0 states the write leaves (commit records, markers, table markers); `None`: the
+    /// write deletes the document and leaves nothing.
+    states: std::collections::HashMap<DocumentKey, Option<StoredState>>,
+}
+
+impl Overlay {
+    /// Records that `table` is truncated (before the states that follow).
+    pub fn truncate(&mut self, table: &str) {
+        self.truncated.insert(table.to_string());
+        self.states.retain(|k, _| k.table != table);
+    }
+
+    /// Records the chunk-0 payload the write leaves at `key`.
+    pub fn put(&mut self, payload: &Row) {
+        if let (Some(key), Some(state)) = (key_of(payload), stored_state(payload)) {
+            self.states.insert(key, Some(state));
+        }
+    }
+
+    /// Records that the write removes every point of `key`.
+    pub fn remove(&mut self, key: &DocumentKey) {
+        self.states.insert(key.clone(), None);
+    }
+
+    /// `states`, as read from the index for `keys`, as they will be after the write.
+    pub fn apply(
+        &self,
+        keys: &[DocumentKey],
+        states: &mut std::collections::HashMap<DocumentKey, StoredState>,
+    ) {
+        for key in keys {
+            match self.states.get(key) {
+                Some(Some(state)) => {
+                    states.insert(key.clone(), state.clone());
+                }
+                Some(None) => {
+                    states.remove(key);
+                }
+                None if self.truncated.contains(&key.table) => {
+                    states.remove(key);
+                }
+                None => {}
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -701,3 +701,99 @@ fn ranges_are_split_by_count_and_size() {
         vec![0..1, 1..2, 2..3]
     );
 }
+
+/// Planning batch N+1 while batch N is still being written: against what the index held
+/// before N, corrected by N's overlay, it must come to exactly the plan made after N.
+#[test]
+fn a_batch_planned_against_the_previous_writes_overlay_equals_one_planned_after_it() {
+    let scenarios: Vec<(Vec<Admitted>, Vec<Admitted>)> = vec![
+        // A key updated in consecutive batches.
+        (
+            vec![
+                upsert(1, "first version of the text", 1, 0),
+                upsert(2, "b", 1, 1),
+            ],
+            vec![
+                upsert(1, "second version of the text", 2, 0),
+                upsert(2, "b", 2, 1),
+            ],
+        ),
+        // A delete between two upserts across the boundary.
+        (
+            vec![upsert(1, "a", 1, 0), delete(1, 2, 1)],
+            vec![
+                upsert(1, "old replay", 1, 0),
+                upsert(1, "after the delete", 3, 1),
+            ],
+        ),
+        (
+            vec![delete(3, 5, 0)],
+            vec![upsert(3, "back", 6, 0), delete(4, 6, 1)],
+        ),
+        // A truncate, then older and newer events of its table.
+        (
+            vec![truncate(10, 0)],
+            vec![upsert(1, "older", 5, 0), upsert(2, "newer", 11, 1)],
+        ),
+        // A TOASTed column sent in N, not in N+1.
+        (
+            vec![upsert_values(
+                5,
+                json!({"name": "n", "body": "big", "secret": "s"}),
+                &[],
+                1,
+                0,
+            )],
+            vec![upsert_values(
+                5,
+                json!({"name": "m", "secret": "s"}),
+                &["body"],
+                2,
+                0,
+            )],
+        ),
+        // A primary-key change across the boundary.
+        (
+            vec![moved_delete(6, 3, 0)],
+            vec![moved(
+                60,
+                6,
+                json!({"name": "moved"}),
+                &["body", "secret"],
+                3,
+                0,
+            )],
+        ),
+    ];
+    for (i, (first, second)) in scenarios.into_iter().enumerate() {
+        let mut before = Store::default();
+        before.run(&[
+            upsert(1, "stored text of one", 0, 0),
+            upsert(2, "stored b", 0, 1),
+            upsert(3, "stored three", 0, 2),
+            upsert_values(
+                6,
+                json!({"name": "six", "body": "kept body", "secret": "s"}),
+                &[],
+                0,
+                3,
+            ),
+        ]);
+        let mut after = before.clone();
+        after.run(&first);
+        let c2 = coalesced(&second);
+        let sequential = plan(&c2, &after.states(&c2.keys_to_read()), &rules());
+
+        let c1 = coalesced(&first);
+        let p1 = plan(&c1, &before.states(&c1.keys_to_read()), &rules()).plan;
+        let vectors = vec![vec![0.5_f32; 4]; p1.upserts.len()];
+        let overlay = crate::sink::Write::from_plan(p1, vectors).overlay();
+        let keys = c2.keys_to_read();
+        let mut states = before.states(&keys);
+        overlay.apply(&keys, &mut states);
+        let overlapped = plan(&c2, &states, &rules());
+        assert_eq!(overlapped.plan, sequential.plan, "scenario {i}");
+        assert_eq!(overlapped.stale, sequential.stale, "scenario {i}");
+        assert_eq!(overlapped.poison, sequential.poison, "scenario {i}");
+    }
+}

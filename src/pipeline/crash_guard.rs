@@ -12,9 +12,19 @@
 //! messages become *suspects*. When a delivery comes back:
 //!
 //! - not a suspect (it was only prefetched): processed normally, in a batch;
-//! - a suspect: processed **alone**, in a batch of one, so that a crash now blames it only;
-//! - a suspect that crashed the daemon `pipeline.crash_limit` times while processed alone:
+//! - a suspect: processed **alone**, in a batch of one, so that a crash now blames it only —
+//!   and with the consumer's prefetch narrowed to 1 until the first innocent delivery
+//!   arrives, so that dying again returns nobody else's delivery to the queue;
+//! - a suspect that *crashed* the daemon `pipeline.crash_limit` times while processed alone:
 //!   dead-lettered as `crash-loop`, without being processed again.
+//!
+//! A *crash* is a death the daemon saw: a fatal signal (SIGSEGV, SIGBUS, SIGILL, SIGFPE,
+//! SIGABRT — a native library's bug, an `abort()`) or a panic, which leave a marker file
+//! (`<state_dir>/crashed`) on their way out. A death nobody saw (`kill -9`, the OOM killer, a
+//! power cut) makes suspects but blames no one: a restart storm of another cause never
+//! dead-letters a message. (A message that gets the daemon OOM-killed each time is processed
+//! alone, prefetch 1, until the broker's `x-delivery-limit` dead-letters it; its neighbours
+//! are not returned meanwhile.)
 //!
 //! The broker's `x-delivery-limit` stays as the last resort, set high enough that the guard
 //! acts first. Without a usable journal (its directory not writable) every returned delivery
@@ -51,6 +61,9 @@ pub struct Suspicion {
     pub crashes: u32,
     /// Deaths while it was processed alone.
     pub alone: u32,
+    /// Of those, crashes the daemon saw (a fatal signal or a panic): only these blame it.
+    #[serde(default)]
+    pub crashed_alone: u32,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,6 +88,75 @@ pub enum Verdict {
 
 /// Most suspects remembered (oldest dropped first); a crash suspects at most one batch.
 const MAX_SUSPECTS: usize = 10_000;
+
+/// The file a crash leaves behind, in the state directory.
+const CRASH_MARKER: &str = "crashed";
+
+/// The crash marker's path, for the signal handler (set once).
+static MARKER_PATH: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
+
+/// Makes fatal signals and panics of this process leave the crash marker in `dir` behind,
+/// for the next start's [`CrashGuard::open`]. Only the first call has an effect.
+pub fn arm_crash_marker(dir: &Path) {
+    let marker = dir.join(CRASH_MARKER);
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(marker.as_os_str().as_bytes()) else {
+        return;
+    };
+    if MARKER_PATH.set(path).is_err() {
+        return;
+    }
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        leave_marker();
+        previous(info);
+    }));
+    for signal in [
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+        libc::SIGABRT,
+    ] {
+        // SAFETY: `on_fatal_signal` only calls async-signal-safe functions (open, write,
+        // close, raise); SA_RESETHAND restores the default action, so re-raising the signal
+        // ends the process as it would have without us. The sigaction struct is zeroed and
+        // then filled with a valid handler and an empty mask.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_fatal_signal as *const () as usize;
+            action.sa_flags = libc::SA_RESETHAND | libc::SA_NODEFER;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Writes the crash marker (async-signal-safe).
+fn leave_marker() {
+    if let Some(path) = MARKER_PATH.get() {
+        // SAFETY: open/write/close on a NUL-terminated path we own; all async-signal-safe.
+        unsafe {
+            let fd = libc::open(
+                path.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+                0o600,
+            );
+            if fd >= 0 {
+                libc::write(fd, b"crashed\n".as_ptr().cast(), 8);
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+extern "C" fn on_fatal_signal(signal: libc::c_int) {
+    leave_marker();
+    // SAFETY: raise is async-signal-safe; the handler was reset to the default action.
+    unsafe {
+        libc::raise(signal);
+    }
+}
 
 pub struct CrashGuard {
     path: Option<PathBuf>,
@@ -142,10 +224,22 @@ impl CrashGuard {
         }
         let died_with = std::mem::take(&mut guard.journal.in_flight);
         let alone = std::mem::take(&mut guard.journal.isolated);
+        let marker = dir.join(CRASH_MARKER);
+        let crashed = marker.exists();
+        if crashed && let Err(e) = std::fs::remove_file(&marker) {
+            guard.path = None;
+            return (
+                guard,
+                Some(format!("cannot remove {}: {e}", marker.display())),
+            );
+        }
         for id in died_with {
             let s = guard.journal.suspects.entry(id).or_default();
             if alone {
                 s.alone += 1;
+                if crashed {
+                    s.crashed_alone += 1;
+                }
             } else {
                 s.crashes += 1;
             }
@@ -179,20 +273,21 @@ impl CrashGuard {
             return Verdict::Isolate;
         }
         match self.journal.suspects.get(id) {
-            Some(s) if s.alone >= self.crash_limit => Verdict::CrashLoop(*s),
+            Some(s) if s.crashed_alone >= self.crash_limit => Verdict::CrashLoop(*s),
             Some(_) => Verdict::Isolate,
             None => Verdict::Normal,
         }
     }
 
-    /// Records the batch about to be processed. An error means the journal failed: the
-    /// caller goes on without it (and says so once).
+    /// Records a batch about to be processed (several may be in flight: one being written
+    /// while the next is prepared; a suspect batch is always alone). An error means the
+    /// journal failed: the caller goes on without it (and says so once).
     pub fn begin(&mut self, ids: &[MessageId], isolated: bool) -> Result<(), String> {
         if self.path.is_none() {
             return Ok(());
         }
-        self.journal.in_flight = ids.to_vec();
-        self.journal.isolated = isolated;
+        self.journal.in_flight.extend(ids.iter().cloned());
+        self.journal.isolated = isolated && self.journal.in_flight.len() == ids.len();
         self.save().inspect_err(|_| self.path = None)
     }
 
@@ -204,10 +299,20 @@ impl CrashGuard {
                 self.journal.suspects.remove(id);
             }
         }
-        self.journal.in_flight.clear();
-        self.journal.isolated = false;
+        let done: std::collections::HashSet<&MessageId> = ids.iter().collect();
+        self.journal.in_flight.retain(|id| !done.contains(id));
+        if self.journal.in_flight.is_empty() {
+            self.journal.isolated = false;
+        }
         // Written lazily: the next `begin` (or a clean stop) writes it. A crash before that
         // charges a batch that was in fact acked, whose messages never come back.
+    }
+
+    /// Every batch in flight was abandoned without a crash (a lost session, a shutdown):
+    /// they come back, and none of them is to blame.
+    pub fn abandon(&mut self) {
+        self.journal.in_flight.clear();
+        self.journal.isolated = false;
     }
 
     /// A clean stop: nothing is in flight.
@@ -290,13 +395,16 @@ mod tests {
             let (mut g, _) = CrashGuard::open(dir.path(), 2);
             assert_eq!(g.verdict(&culprit[0]), Verdict::Isolate);
             g.begin(&culprit, true).expect("begin");
+            // It crashes the daemon (what the signal handler leaves behind).
+            std::fs::write(dir.path().join(CRASH_MARKER), "crashed\n").expect("marker");
         }
         let (g, _) = CrashGuard::open(dir.path(), 2);
         assert_eq!(
             g.verdict(&culprit[0]),
             Verdict::CrashLoop(Suspicion {
                 crashes: 1,
-                alone: 2
+                alone: 2,
+                crashed_alone: 2,
             })
         );
         // Its neighbour is suspect only until it is processed without a crash.
@@ -306,6 +414,23 @@ mod tests {
         g.begin(&neighbour, true).expect("begin");
         g.end(&neighbour, true);
         assert_eq!(g.verdict(&neighbour[0]), Verdict::Normal);
+    }
+
+    #[test]
+    fn deaths_nobody_saw_make_suspects_but_blame_no_one() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let victim = ids(&["victim of kill -9"]);
+        for _ in 0..10 {
+            let (mut g, _) = CrashGuard::open(dir.path(), 2);
+            g.begin(&victim, true).expect("begin");
+            // killed from outside: no marker
+        }
+        let (g, _) = CrashGuard::open(dir.path(), 2);
+        assert_eq!(
+            g.verdict(&victim[0]),
+            Verdict::Isolate,
+            "processed alone, never dead-lettered"
+        );
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub struct Pipeline {
     guard: Mutex<CrashGuard>,
     /// Tables a keyless delete was already warned about.
     keyless_warned: Mutex<HashSet<String>>,
+    /// The session consumes with prefetch 1 while crash suspects may come back, and opens
+    /// the window (`broker.prefetch`) at the first innocent delivery.
+    narrow: std::sync::atomic::AtomicBool,
+    widen: std::sync::atomic::AtomicBool,
 }
 
 /// One broker session: a connection, the consuming channel, the dead-letter channel.
@@ -106,6 +110,22 @@ impl Batch {
     }
 }
 
+/// What one [`Pipeline::step`] came to.
+enum Step {
+    /// Nothing arrived.
+    Idle(Intake),
+    /// A batch was committed and/or one is prepared for the next step.
+    Next(Option<Box<process::Prepared>>),
+}
+
+/// The batch collected while the previous one was committed.
+enum Upcoming {
+    Nothing,
+    Prepared(Box<process::Prepared>),
+    /// A crash suspect: prepared only once nothing else is in flight.
+    Alone(Batch),
+}
+
 /// What [`Pipeline::collect`] hands back besides the batch.
 enum Intake {
     /// Go on.
@@ -125,8 +145,9 @@ impl Pipeline {
     ) -> Pipeline {
         let (guard, problem) =
             CrashGuard::open(&config.pipeline.state_dir, config.pipeline.crash_limit);
-        if let Some(problem) = problem {
-            CrashJournalUnavailable { problem: &problem }.emit(&metrics);
+        match problem {
+            Some(problem) => CrashJournalUnavailable { problem: &problem }.emit(&metrics),
+            None => crash_guard::arm_crash_marker(&config.pipeline.state_dir),
         }
         metrics.crash_suspects.set(guard.suspects() as i64);
         Pipeline {
@@ -138,6 +159,8 @@ impl Pipeline {
             cancel,
             guard: Mutex::new(guard),
             keyless_warned: Mutex::new(HashSet::new()),
+            narrow: std::sync::atomic::AtomicBool::new(false),
+            widen: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -194,8 +217,20 @@ impl Pipeline {
             .await
             .map_err(|e| amqp_error("open channel", e))?;
         topology::declare(&channel, &self.config.topology).await?;
+        // Crash suspects come back first: take them one at a time, so that dying on one
+        // returns no other delivery (each return counts against x-delivery-limit).
+        let narrow = self.lock_guard().suspects() > 0;
+        self.narrow
+            .store(narrow, std::sync::atomic::Ordering::Relaxed);
+        self.widen
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let prefetch = if narrow {
+            1
+        } else {
+            self.config.broker.prefetch
+        };
         channel
-            .basic_qos(self.config.broker.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| amqp_error("basic.qos", e))?;
         let dead_letters =
@@ -220,104 +255,187 @@ impl Pipeline {
     }
 
     /// Batches and processes deliveries until the session breaks, or until shutdown has
-    /// drained what was received.
-    async fn consume(&self, mut session: Session) -> Result<(), StageError> {
+    /// drained what was received. Batch N is written and acked while batch N+1 is collected,
+    /// planned (against N's overlay) and embedded.
+    async fn consume(&self, session: Session) -> Result<(), StageError> {
+        let Session {
+            connection,
+            channel,
+            mut consumer,
+            dead_letters,
+        } = session;
+        let out = process::Outbox {
+            channel: &channel,
+            dead_letters: &dead_letters,
+        };
         let deadline = Duration::from_millis(self.config.pipeline.shutdown_deadline_ms);
         let mut stop_by: Option<tokio::time::Instant> = None;
         let mut held: Option<Delivery> = None;
+        let mut ready: Option<Box<process::Prepared>> = None;
         let mut idle_since = Some(Instant::now());
-        loop {
+        let result = loop {
             self.metrics.health.beat();
             if stop_by.is_none() && self.cancel.is_cancelled() {
-                stop_by = Some(self.stop_consuming(&session, deadline).await);
+                stop_by = Some(self.stop_consuming(&channel, deadline).await);
             }
-            // Not raced against the shutdown signal: a collect that is cut short would drop
-            // the deliveries it took. Its waits are bounded (1 s, then the batch window).
-            let (batch, intake) = match stop_by {
-                None => {
-                    self.collect(&mut session.consumer, &mut held, false)
-                        .await?
-                }
-                Some(by) => {
-                    match tokio::time::timeout_at(
-                        by,
-                        self.collect(&mut session.consumer, &mut held, true),
-                    )
-                    .await
-                    {
-                        Ok(r) => r?,
-                        Err(_) => break,
-                    }
-                }
-            };
-            if batch.is_empty() {
-                if matches!(intake, Intake::Drained) {
-                    break;
-                }
-                // Idle for a while: let the index optimise (qdrant-edge has no background thread).
-                if stop_by.is_none()
-                    && idle_since.is_some_and(|t| t.elapsed() > Duration::from_secs(5))
-                {
-                    idle_since = None;
-                    self.sink.idle().await;
-                }
-                continue;
-            }
-            idle_since = Some(Instant::now());
-            let ids = batch.ids.clone();
-            if let Err(e) = self.lock_guard().begin(&ids, batch.isolated) {
-                CrashJournalUnavailable { problem: &e }.emit(&self.metrics);
-            }
+            // Not raced against the shutdown signal: a step that is cut short would drop the
+            // deliveries it took. Its waits are bounded (1 s, then the batch window), and on
+            // shutdown it runs on under the deadline.
             let work = crate::progress::scope(
                 Arc::clone(&self.metrics.health),
-                process::process(self, &session, batch),
+                self.step(
+                    &out,
+                    &mut consumer,
+                    &mut held,
+                    ready.take(),
+                    stop_by.is_some(),
+                ),
             );
             tokio::pin!(work);
-            let result = match stop_by {
+            let stepped = match stop_by {
                 None => tokio::select! {
                     r = &mut work => Some(r),
                     _ = self.cancel.cancelled() => {
-                        let by = self.stop_consuming(&session, deadline).await;
+                        let by = self.stop_consuming(&channel, deadline).await;
                         stop_by = Some(by);
                         tokio::time::timeout_at(by, &mut work).await.ok()
                     }
                 },
                 Some(by) => tokio::time::timeout_at(by, &mut work).await.ok(),
             };
-            match result {
-                Some(Ok(())) => self.lock_guard().end(&ids, true),
-                Some(Err(e)) => {
-                    self.lock_guard().end(&ids, false);
-                    if self.cancel.is_cancelled() {
-                        tracing::warn!(error = %e, "shutting down with the open batch unacked (it will be redelivered)");
-                        break;
+            match stepped {
+                Some(Ok(Step::Idle(Intake::Drained))) => break Ok(()),
+                Some(Ok(Step::Idle(Intake::Open))) => {
+                    // Idle for a while: let the index optimise (qdrant-edge has no background
+                    // thread).
+                    if stop_by.is_none()
+                        && idle_since.is_some_and(|t| t.elapsed() > Duration::from_secs(5))
+                    {
+                        idle_since = None;
+                        self.sink.idle().await;
                     }
-                    return Err(e);
+                }
+                Some(Ok(Step::Next(next))) => {
+                    idle_since = Some(Instant::now());
+                    ready = next;
+                }
+                Some(Err(e)) => {
+                    self.lock_guard().abandon();
+                    if self.cancel.is_cancelled() {
+                        tracing::warn!(error = %e, "shutting down with the open batches unacked (they will be redelivered)");
+                        break Ok(());
+                    }
+                    break Err(e);
                 }
                 None => {
-                    self.lock_guard().end(&ids, false);
+                    self.lock_guard().abandon();
                     tracing::warn!(
                         deadline_ms = deadline.as_millis() as u64,
-                        "shutdown deadline passed; the open batch is left unacked for redelivery"
+                        "shutdown deadline passed; the open batches are left unacked for redelivery"
                     );
-                    break;
+                    break Ok(());
                 }
             }
+        };
+        drop(ready);
+        let _ = channel.close(200, "shutdown".into()).await;
+        let _ = connection.close(200, "shutdown".into()).await;
+        result
+    }
+
+    /// One step of the pipeline: commit the batch that is ready (if any) while the next one is
+    /// collected and prepared. An isolated batch (a crash suspect) is prepared and committed
+    /// with nothing else in flight, so that a crash can only be its own.
+    async fn step(
+        &self,
+        out: &process::Outbox<'_>,
+        consumer: &mut Consumer,
+        held: &mut Option<Delivery>,
+        ready: Option<Box<process::Prepared>>,
+        draining: bool,
+    ) -> Result<Step, StageError> {
+        let Some(current) = ready else {
+            let (batch, intake) = self.collect(consumer, held, draining).await?;
+            self.widen_if_due(out.channel).await?;
+            if batch.is_empty() {
+                return Ok(Step::Idle(intake));
+            }
+            self.begin(&batch);
+            return Ok(Step::Next(Some(Box::new(
+                process::prepare(self, batch, None).await?,
+            ))));
+        };
+        let ids = current.batch.ids.clone();
+        if current.batch.isolated {
+            process::commit(self, out, *current).await?;
+            self.lock_guard().end(&ids, true);
+            return Ok(Step::Next(None));
         }
-        close(session).await;
+        let overlay = current.overlay();
+        let next = async {
+            let (batch, intake) = self.collect(consumer, held, draining).await?;
+            self.widen_if_due(out.channel).await?;
+            if batch.is_empty() {
+                return Ok::<_, StageError>((Upcoming::Nothing, intake));
+            }
+            if batch.isolated {
+                return Ok((Upcoming::Alone(batch), intake));
+            }
+            self.begin(&batch);
+            let prepared = process::prepare(self, batch, overlay.as_ref()).await?;
+            Ok((Upcoming::Prepared(Box::new(prepared)), intake))
+        };
+        let (committed, upcoming) = tokio::join!(process::commit(self, out, *current), next);
+        let as_planned = committed?;
+        self.lock_guard().end(&ids, true);
+        let (upcoming, _intake) = upcoming?;
+        let next = match upcoming {
+            Upcoming::Nothing => None,
+            Upcoming::Prepared(prepared) if as_planned => Some(prepared),
+            // The previous batch was written otherwise than planned (part of it refused):
+            // its overlay was wrong, so plan again against what the index now holds.
+            Upcoming::Prepared(prepared) => Some(Box::new(
+                process::prepare(self, prepared.into_batch(), None).await?,
+            )),
+            Upcoming::Alone(batch) => {
+                self.begin(&batch);
+                Some(Box::new(process::prepare(self, batch, None).await?))
+            }
+        };
+        Ok(Step::Next(next))
+    }
+
+    /// The suspects are behind us (an innocent delivery arrived): open the prefetch window.
+    async fn widen_if_due(&self, channel: &Channel) -> Result<(), StageError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.widen.swap(false, Relaxed) && self.narrow.swap(false, Relaxed) {
+            channel
+                .basic_qos(self.config.broker.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|e| amqp_error("basic.qos", e))?;
+            tracing::debug!(
+                prefetch = self.config.broker.prefetch,
+                "crash suspects done; prefetch window open"
+            );
+        }
         Ok(())
     }
 
+    /// Records a batch as in flight in the crash journal.
+    fn begin(&self, batch: &Batch) {
+        if let Err(e) = self.lock_guard().begin(&batch.ids, batch.isolated) {
+            CrashJournalUnavailable { problem: &e }.emit(&self.metrics);
+        }
+    }
+
     /// Shutdown, step one: no new deliveries. Returns when the work must be done by.
-    async fn stop_consuming(&self, session: &Session, deadline: Duration) -> tokio::time::Instant {
+    async fn stop_consuming(&self, channel: &Channel, deadline: Duration) -> tokio::time::Instant {
         let by = tokio::time::Instant::now() + deadline;
         tracing::info!(
             deadline_ms = deadline.as_millis() as u64,
             "stopping intake; finishing the deliveries already received"
         );
-        let cancel = session
-            .channel
-            .basic_cancel(CONSUMER_TAG.into(), BasicCancelOptions::default());
+        let cancel = channel.basic_cancel(CONSUMER_TAG.into(), BasicCancelOptions::default());
         if let Err(e) = tokio::time::timeout_at(by, cancel)
             .await
             .map_err(|_| "timed out".to_string())
@@ -374,6 +492,10 @@ impl Pipeline {
             } else {
                 Verdict::Normal
             };
+            if verdict == Verdict::Normal && self.narrow.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                self.widen.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             if verdict == Verdict::Isolate {
                 if !batch.is_empty() {
                     *held = Some(d);
@@ -541,11 +663,6 @@ fn next_delivery(
         None if draining => Ok(None),
         None => Err(StageError::transient("the broker closed our consumer")),
     }
-}
-
-async fn close(session: Session) {
-    let _ = session.channel.close(200, "shutdown".into()).await;
-    let _ = session.connection.close(200, "shutdown".into()).await;
 }
 
 /// 50–100 % of `delay`.

@@ -1,4 +1,10 @@
-//! One batch: coalesce → read states → plan → embed → write → dead letters → ack.
+//! One batch, in two steps that overlap with the neighbouring batches:
+//!
+//! - [`prepare`]: coalesce → read states → plan → embed. Runs while the previous batch is
+//!   still being written: its reads are corrected with the previous write's [`Overlay`] (what
+//!   the index will hold once that write is applied), so a key in both batches is planned
+//!   against the previous batch's result, exactly as if the two ran one after the other.
+//! - [`commit`]: write → dead letters → ack, strictly in delivery order, one batch at a time.
 //!
 //! Poison is isolated to the delivery that caused it. Undecodable and unmappable deliveries
 //! were set aside at admission. An op the plan cannot apply (a TOASTed column with no stored
@@ -13,12 +19,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use lapin::Channel;
 use lapin::options::BasicAckOptions;
 
-use super::{Batch, Pipeline, Session};
+use super::{Batch, Pipeline};
 use crate::batch::{self, Coalesced, Op, PlanOutcome};
 use crate::broker::amqp_error;
-use crate::broker::dead_letter::DeadLetter;
+use crate::broker::dead_letter::{DeadLetter, DeadLetterPublisher};
 use crate::error::{ErrorKind, StageError};
 use crate::events::{
     BatchWritten, DeadLettered, DocumentsEmpty, DocumentsTruncated, EventProcessed, EventsSkipped,
@@ -26,50 +33,213 @@ use crate::events::{
 };
 use crate::model::DocumentKey;
 use crate::sink::Write;
-use crate::stored::{StoredState, stored_state, truncate_payload};
+use crate::stored::{Overlay, StoredState, stored_state, truncate_payload};
 
-pub(super) async fn process(
+/// Where a batch's acks and dead letters go.
+pub(super) struct Outbox<'a> {
+    pub channel: &'a Channel,
+    pub dead_letters: &'a DeadLetterPublisher,
+}
+
+/// A batch planned and embedded, ready to be written.
+pub(super) struct Prepared {
+    pub batch: Batch,
+    dead: BTreeMap<usize, DeadLetter>,
+    /// What to write (`None`: nothing), and what it was planned from.
+    work: Option<Work>,
+    outcome: Box<PlanOutcome>,
+}
+
+struct Work {
+    coalesced: Coalesced,
+    states: HashMap<DocumentKey, StoredState>,
+    write: Arc<Write>,
+    origins: Vec<usize>,
+}
+
+impl Prepared {
+    /// What the index will hold for this batch's keys once it is written.
+    pub fn overlay(&self) -> Option<Overlay> {
+        self.work.as_ref().map(|w| w.write.overlay())
+    }
+
+    /// The batch, to be prepared again (its plan was made against a state that changed).
+    pub fn into_batch(self) -> Batch {
+        self.batch
+    }
+}
+
+/// Coalesces, plans and embeds `batch`. `overlay`: the previous batch's write, not yet
+/// (known to be) applied.
+pub(super) async fn prepare(
     p: &Pipeline,
-    session: &Session,
     batch: Batch,
+    overlay: Option<&Overlay>,
+) -> Result<Prepared, StageError> {
+    p.metrics.batch_size.observe(batch.deliveries.len() as f64);
+    let mut dead: BTreeMap<usize, DeadLetter> = batch.dead.iter().cloned().collect();
+    loop {
+        let excluded: BTreeSet<usize> = dead.keys().copied().collect();
+        let coalesced = batch::coalesce(&batch.events, &excluded);
+        if coalesced.is_empty() {
+            return Ok(Prepared {
+                batch,
+                dead,
+                work: None,
+                outcome: Box::default(),
+            });
+        }
+        let keys = coalesced.keys_to_read();
+        let mut states = p
+            .retry("sink", || p.sink.read_states(&keys))
+            .await
+            .map_err(refused_read)?;
+        if let Some(overlay) = overlay {
+            overlay.apply(&keys, &mut states);
+        }
+        let mut outcome = batch::plan(&coalesced, &states, &p.rules);
+        if !outcome.poison.is_empty() {
+            for x in outcome.poison {
+                dead.insert(
+                    x.origin,
+                    DeadLetter {
+                        kind: x.kind,
+                        reason: x.reason,
+                    },
+                );
+            }
+            continue;
+        }
+        let plan = std::mem::take(&mut outcome.plan);
+        if plan.is_empty() {
+            return Ok(Prepared {
+                batch,
+                dead,
+                work: None,
+                outcome: Box::new(outcome),
+            });
+        }
+        let origins: Vec<usize> = plan.upserts.iter().map(|u| u.origin).collect();
+        match embed(p, &plan.upserts).await? {
+            Ok(vectors) => {
+                return Ok(Prepared {
+                    batch,
+                    dead,
+                    work: Some(Work {
+                        coalesced,
+                        states,
+                        write: Arc::new(Write::from_plan(plan, vectors)),
+                        origins,
+                    }),
+                    outcome: Box::new(outcome),
+                });
+            }
+            Err(e) => {
+                let culprits = match e.item.and_then(|i| origins.get(i)) {
+                    Some(&origin) => vec![origin],
+                    None => origins.clone(),
+                };
+                dead.extend(dead_letters(culprits, "embed", &e.message));
+            }
+        }
+    }
+}
+
+/// Writes a prepared batch, publishes its dead letters and acks it. `Ok(true)`: written as
+/// planned; `Ok(false)`: the index refused part of it, so it was planned again (a batch
+/// prepared against its overlay must then be prepared again too).
+pub(super) async fn commit(
+    p: &Pipeline,
+    out: &Outbox<'_>,
+    prepared: Prepared,
+) -> Result<bool, StageError> {
+    let Prepared {
+        mut batch,
+        mut dead,
+        work,
+        outcome,
+    } = prepared;
+    let mut as_planned = true;
+    if let Some(work) = work {
+        let started = std::time::Instant::now();
+        match p
+            .retry("sink", || p.sink.write(Arc::clone(&work.write)))
+            .await
+        {
+            Ok(()) => {
+                BatchWritten {
+                    points: work.write.upserts.len(),
+                    took: started.elapsed(),
+                }
+                .emit(&p.metrics);
+                record(p, &outcome, &mut batch.fates);
+            }
+            Err(e) if e.kind == ErrorKind::Poison => {
+                as_planned = false;
+                match e.item.and_then(|i| work.origins.get(i)) {
+                    Some(&origin) => {
+                        dead.extend(dead_letters(vec![origin], "sink", &e.message));
+                    }
+                    None => {
+                        WriteRejected { error: &e }.emit(&p.metrics);
+                        dead.extend(
+                            isolate_rejected(p, &work.coalesced, &work.states, &work.write).await?,
+                        );
+                    }
+                }
+                apply_without(p, &mut batch, &mut dead).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        record(p, &outcome, &mut batch.fates);
+    }
+    acknowledge(p, out, batch, dead).await?;
+    Ok(as_planned)
+}
+
+/// Plans, embeds and writes the batch without the deliveries in `dead` (which grows with
+/// every culprit found), one attempt after the other, against fresh reads.
+async fn apply_without(
+    p: &Pipeline,
+    batch: &mut Batch,
+    dead: &mut BTreeMap<usize, DeadLetter>,
+) -> Result<(), StageError> {
+    loop {
+        let excluded: BTreeSet<usize> = dead.keys().copied().collect();
+        let coalesced = batch::coalesce(&batch.events, &excluded);
+        if coalesced.is_empty() {
+            return Ok(());
+        }
+        match apply(p, &coalesced).await? {
+            Applied::Written(outcome) => {
+                record(p, &outcome, &mut batch.fates);
+                return Ok(());
+            }
+            Applied::Culprits(culprits) => dead.extend(culprits),
+        }
+    }
+}
+
+/// Dead letters (confirmed), then the ack, then the metrics of every delivery.
+async fn acknowledge(
+    p: &Pipeline,
+    out: &Outbox<'_>,
+    batch: Batch,
+    dead: BTreeMap<usize, DeadLetter>,
 ) -> Result<(), StageError> {
     let Batch {
         deliveries,
         mut fates,
-        events,
-        dead,
         received,
         ..
     } = batch;
     let Some(last_tag) = deliveries.iter().map(|d| d.delivery_tag).max() else {
         return Ok(());
     };
-    p.metrics.batch_size.observe(deliveries.len() as f64);
-    let mut dead: BTreeMap<usize, DeadLetter> = dead.into_iter().collect();
-
-    loop {
-        let excluded: BTreeSet<usize> = dead.keys().copied().collect();
-        let coalesced = batch::coalesce(&events, &excluded);
-        if coalesced.is_empty() {
-            break;
-        }
-        match apply(p, &coalesced).await? {
-            Applied::Written(outcome) => {
-                record(p, &outcome, &mut fates);
-                break;
-            }
-            Applied::Culprits(culprits) => {
-                for (origin, letter) in culprits {
-                    dead.insert(origin, letter);
-                }
-            }
-        }
-    }
-
     for (&i, letter) in &dead {
         let d = &deliveries[i];
-        session
-            .dead_letters
+        out.dead_letters
             .publish(
                 &d.data,
                 &d.properties,
@@ -87,13 +257,10 @@ pub(super) async fn process(
         }
         .emit(&p.metrics);
     }
-
-    session
-        .channel
+    out.channel
         .basic_ack(last_tag, BasicAckOptions { multiple: true })
         .await
         .map_err(|e| amqp_error("basic.ack", e))?;
-
     let now_ms = chrono::Utc::now().timestamp_millis();
     for (fate, at) in fates.iter().zip(&received) {
         EventProcessed {

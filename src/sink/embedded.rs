@@ -112,6 +112,36 @@ fn key_filter(key: &DocumentKey) -> Result<Filter, StageError> {
     ]))
 }
 
+/// Every point of any of `keys` (all of one table).
+fn keys_filter(table: &str, keys: Vec<String>) -> Result<Filter, StageError> {
+    Ok(must(vec![
+        keyword("_cdc.table", table)?,
+        Condition::Field(FieldCondition::new_match(
+            path("_cdc.key")?,
+            Match::from(keys),
+        )),
+    ]))
+}
+
+/// Keys grouped by table, in groups of at most `MAX_KEYS_PER_FILTER`.
+fn keys_by_table(keys: &[DocumentKey]) -> Vec<(String, Vec<String>)> {
+    let mut by_table: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for k in keys {
+        by_table.entry(&k.table).or_default().push(k.key.clone());
+    }
+    by_table
+        .into_iter()
+        .flat_map(|(table, keys)| {
+            keys.chunks(MAX_KEYS_PER_FILTER)
+                .map(|c| (table.to_string(), c.to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Most keys in one delete-by-filter operation.
+const MAX_KEYS_PER_FILTER: usize = 1024;
+
 fn table_filter(table: &str) -> Result<Filter, StageError> {
     Ok(must(vec![keyword("_cdc.table", table)?]))
 }
@@ -300,9 +330,10 @@ impl Sink for EmbeddedSink {
             if !write.table_markers.is_empty() {
                 upsert(write.table_markers.iter().map(marker_point).collect())?;
             }
-            for key in &write.delete_keys {
+            // One delete per table (and per 1,024 keys), not one per key.
+            for (table, keys) in keys_by_table(&write.delete_keys) {
                 apply(UpdateOperation::PointOperation(
-                    PointOperations::DeletePointsByFilter(key_filter(key)?),
+                    PointOperations::DeletePointsByFilter(keys_filter(&table, keys)?),
                 ))?;
             }
             if !write.delete_points.is_empty() {

@@ -77,6 +77,32 @@ impl Write {
         }
     }
 
+    /// What the index will hold for the keys this write touches, once it is applied.
+    pub fn overlay(&self) -> crate::stored::Overlay {
+        let mut overlay = crate::stored::Overlay::default();
+        for table in &self.truncate_tables {
+            overlay.truncate(table);
+        }
+        for m in &self.table_markers {
+            overlay.put(&m.payload);
+        }
+        for key in &self.delete_keys {
+            overlay.remove(key);
+        }
+        for m in &self.markers {
+            overlay.put(&m.payload);
+        }
+        for p in &self.upserts {
+            if crate::stored::chunk_of(&p.payload) == 0 {
+                overlay.put(&p.payload);
+            }
+        }
+        for u in &self.payload_updates {
+            overlay.put(&u.payload);
+        }
+        overlay
+    }
+
     pub fn is_empty(&self) -> bool {
         self.truncate_tables.is_empty()
             && self.delete_keys.is_empty()

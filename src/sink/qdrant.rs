@@ -538,11 +538,23 @@ impl Sink for QdrantSink {
             removals.push((delete_op(table_filter(table)), 64 + table.len()));
         }
         removals.extend(marker_ops(&write.table_markers));
+        // One delete per table (and per 1,024 keys), not one per key.
+        let mut by_table: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
         for key in &write.delete_keys {
-            removals.push((
-                delete_op(key_filter(key)),
-                64 + key.table.len() + key.key.len(),
-            ));
+            by_table
+                .entry(&key.table)
+                .or_default()
+                .push(key.key.clone());
+        }
+        for (table, keys) in by_table {
+            for keys in keys.chunks(1024) {
+                let size = 64 + keys.iter().map(|k| k.len() + 4).sum::<usize>();
+                let filter = Filter::must([
+                    keyword("_cdc.table", table),
+                    Condition::matches("_cdc.key", keys.to_vec()),
+                ]);
+                removals.push((delete_op(filter), size));
+            }
         }
         for ids in write.delete_points.chunks(MAX_OPS * 8) {
             let ids: Vec<PointId> = ids.iter().map(point_id).collect();
