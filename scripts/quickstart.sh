@@ -25,6 +25,9 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
+# /search is off by default (it returns row payloads); the quickstart turns it on, on loopback,
+# so that `cdc-indexer search` can ask the daemon, which owns the embedded index.
+export CDC_INDEXER__HTTP__SEARCH_LISTEN=127.0.0.1:9188
 "$BIN" --config config.toml run 2> .data/cdc-indexer.log &
 pids+=($!)
 for _ in $(seq 1 120); do
@@ -40,6 +43,7 @@ echo "quickstart: Debezium starting (log: .data/debezium.log); the snapshot of p
 cat <<MSG
 
 Try, in another shell:
+  export CDC_INDEXER__HTTP__SEARCH_LISTEN=127.0.0.1:9188   # the daemon's search port
   $BIN search "warm jacket for winter hiking"
   debezium/pg/psql.sh -c "UPDATE products SET description = 'A tent for four people' WHERE id = 1"
   $BIN search "tent for four people" --limit 3

@@ -53,6 +53,13 @@ pub struct BrokerConfig {
     pub prefetch: u16,
     /// Connection name shown in the RabbitMQ management UI. Default `cdc-indexer`.
     pub connection_name: String,
+    /// amqps: PEM file of a CA to trust besides the system's (a private CA). Default: none.
+    pub tls_ca_file: Option<PathBuf>,
+    /// amqps: PEM client certificate (chain) to present; needs `tls_client_key_file`.
+    /// Default: none.
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// amqps: PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_client_cert_file`. Default: none.
+    pub tls_client_key_file: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -63,6 +70,9 @@ impl Default for BrokerConfig {
             password_file: None,
             prefetch: 512,
             connection_name: "cdc-indexer".into(),
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
         }
     }
 }
@@ -212,6 +222,13 @@ pub struct EmbeddingConfig {
     pub send_dimensions: bool,
     /// http: per-request timeout. Default 30000 ms.
     pub timeout_ms: u64,
+    /// http over https: PEM file of a CA to trust besides the bundled roots. Default: none.
+    pub tls_ca_file: Option<PathBuf>,
+    /// http over https: PEM client certificate to present; needs `tls_client_key_file`.
+    /// Default: none.
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// http over https: PEM private key of `tls_client_cert_file`. Default: none.
+    pub tls_client_key_file: Option<PathBuf>,
     /// http: most requests in flight at once. The number adapts between 1 and this to the
     /// service's latency and back-pressure (429/503). Default 4.
     pub max_in_flight: usize,
@@ -233,6 +250,9 @@ impl Default for EmbeddingConfig {
             api_key_file: None,
             send_dimensions: false,
             timeout_ms: 30_000,
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
             max_in_flight: 4,
         }
     }
@@ -269,6 +289,14 @@ pub struct SinkConfig {
     pub api_key_file: Option<PathBuf>,
     /// Per-request timeout of qdrant/llamaindex calls. Default 30000 ms.
     pub timeout_ms: u64,
+    /// llamaindex over https: PEM file of a CA to trust besides the bundled roots. qdrant
+    /// over https: see README (the Qdrant client trusts the system store). Default: none.
+    pub tls_ca_file: Option<PathBuf>,
+    /// llamaindex over https: PEM client certificate; needs `tls_client_key_file`. Default:
+    /// none.
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// llamaindex over https: PEM private key of `tls_client_cert_file`. Default: none.
+    pub tls_client_key_file: Option<PathBuf>,
 }
 
 impl Default for SinkConfig {
@@ -281,6 +309,9 @@ impl Default for SinkConfig {
             api_key_env: "CDC_INDEXER_SINK_API_KEY".into(),
             api_key_file: None,
             timeout_ms: 30_000,
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
         }
     }
 }
@@ -301,14 +332,26 @@ pub enum SinkKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Listen address of the side port. Default `127.0.0.1:9187`.
+    /// Listen address (`IP:port`) of the side port: `/healthz`, `/readyz`, `/metrics`.
+    /// Default `127.0.0.1:9187`.
     pub listen: String,
+    /// Listen address (`IP:port`) of the search port (`/search`, which returns row payloads).
+    /// Default: none, search is off. `cdc-indexer search` asks here when set.
+    pub search_listen: Option<String>,
+    /// Environment variable holding a bearer token that `/search` then requires. Default
+    /// `CDC_INDEXER_SEARCH_TOKEN`; unset means no token.
+    pub search_token_env: String,
+    /// File holding the search token (wins over `search_token_env`). Default: none.
+    pub search_token_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9187".into(),
+            search_listen: None,
+            search_token_env: "CDC_INDEXER_SEARCH_TOKEN".into(),
+            search_token_file: None,
         }
     }
 }
@@ -362,6 +405,16 @@ pub struct ConfigError {
     message: String,
 }
 
+impl ConfigError {
+    /// An error about `file`; `message` starts with the key (`section.key: ...`).
+    pub fn new(file: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            file: file.into(),
+            message: message.into(),
+        }
+    }
+}
+
 impl Config {
     /// Reads `path`, applies `CDC_INDEXER__*` environment overrides, validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -385,18 +438,63 @@ impl Config {
             file: file.to_string(),
             message,
         };
+        // toml's own error text quotes the offending line of the file, which may hold a
+        // password: only its message (values scrubbed) and position are shown.
         let mut doc: toml::Table = text
             .parse()
-            .map_err(|e: toml::de::Error| err(e.to_string()))?;
+            .map_err(|e: toml::de::Error| err(toml_error(text, &e)))?;
         apply_env_overrides(&mut doc, env).map_err(err)?;
         let config: Config = doc
             .try_into()
-            .map_err(|e: toml::de::Error| err(e.to_string()))?;
+            .map_err(|e: toml::de::Error| err(toml_error(text, &e)))?;
         config.validate().map_err(err)?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), String> {
+        let amqps = check_url("broker.url", &self.broker.url, &["amqp", "amqps"])? == "amqps";
+        check_amqp_uri(&self.broker.url)?;
+        check_tls(
+            "broker",
+            &self.broker.tls(),
+            amqps,
+            "broker.url is amqp://; use amqps://",
+        )?;
+        if self.embedding.provider == EmbeddingProvider::Http {
+            let https = check_url("embedding.url", &self.embedding.url, &["http", "https"])?;
+            check_tls(
+                "embedding",
+                &self.embedding.tls(),
+                https == "https",
+                "embedding.url is http://; use https://",
+            )?;
+        }
+        if self.sink.kind != SinkKind::Embedded && !self.sink.url.is_empty() {
+            let https = check_url("sink.url", &self.sink.url, &["http", "https"])?;
+            check_tls(
+                "sink",
+                &self.sink.tls(),
+                https == "https",
+                "sink.url is http://; use https://",
+            )?;
+            if self.sink.kind == SinkKind::Qdrant && self.sink.tls() != TlsFiles::default() {
+                return Err(
+                    "sink.tls_*: the qdrant sink's client trusts the system store only \
+                    (qdrant-client has no option for another CA or a client certificate); \
+                    add the CA to the system store or point SSL_CERT_FILE at a bundle that holds it"
+                        .into(),
+                );
+            }
+        }
+        check_socket_addr("http.listen", &self.http.listen)?;
+        if let Some(search) = &self.http.search_listen {
+            check_socket_addr("http.search_listen", search)?;
+            if search == &self.http.listen {
+                return Err(format!(
+                    "http.search_listen: `{search}` is also http.listen; search needs a port of its own"
+                ));
+            }
+        }
         if self.broker.prefetch == 0 {
             return Err("broker.prefetch: must be at least 1".into());
         }
@@ -521,26 +619,225 @@ pub fn read_secret(file: Option<&Path>, env_var: &str) -> Result<Option<String>,
 }
 
 /// `scheme://user:***@host/...`: a URL safe to log.
+///
+/// Fails closed: a URL that does not parse, or whose user-info cannot be told apart from the
+/// rest (an `@` after the host, as an unencoded `/`, `?` or `#` in a password makes), is shown
+/// without anything after its scheme.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            let shown = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else {
-                user.to_string()
-            };
-            format!("{scheme}://{shown}@{host}{path}")
+    match parse_url(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                // Cannot fail: a URL with a password has a host.
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
         }
-        None => url.to_string(),
+        Err(_) => {
+            let scheme = url
+                .split_once("://")
+                .map(|(s, _)| s)
+                .filter(|s| {
+                    !s.is_empty()
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+                })
+                .unwrap_or("?");
+            format!("{scheme}://(hidden: the URL does not parse)")
+        }
     }
+}
+
+/// Parses a URL strictly enough to know which part is the password.
+fn parse_url(url: &str) -> Result<url::Url, String> {
+    let parsed = url::Url::parse(url).map_err(|e| e.to_string())?;
+    if parsed.cannot_be_a_base() || !url.contains("://") {
+        return Err("expected scheme://host...".into());
+    }
+    let rest = [
+        parsed.path(),
+        parsed.query().unwrap_or(""),
+        parsed.fragment().unwrap_or(""),
+    ];
+    if rest.iter().any(|part| part.contains('@')) {
+        return Err(
+            "an `@` follows the host: a password containing `/`, `?`, `#` or `@` must be \
+            percent-encoded (`/` as %2F, `?` as %3F, `#` as %23, `@` as %40)"
+                .into(),
+        );
+    }
+    Ok(parsed)
+}
+
+/// `key`'s URL must parse with one of `schemes`; returns its scheme. The message never
+/// contains the URL's user-info.
+fn check_url(key: &str, url: &str, schemes: &[&str]) -> Result<String, String> {
+    let expected = schemes
+        .iter()
+        .map(|s| format!("{s}://"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let parsed = parse_url(url).map_err(|why| {
+        format!(
+            "{key}: not a valid URL ({why}); expected {expected}host:port/...; put passwords in \
+             the *_env or *_file settings instead of the URL"
+        )
+    })?;
+    if !schemes.contains(&parsed.scheme()) {
+        return Err(format!(
+            "{key}: `{}` has scheme `{}`; expected {expected}",
+            redact_url(url),
+            parsed.scheme()
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{key}: `{}` names no host", redact_url(url)));
+    }
+    Ok(parsed.scheme().to_string())
+}
+
+/// The broker URL must also be one lapin's AMQP URI parser takes (port, vhost, query).
+fn check_amqp_uri(url: &str) -> Result<(), String> {
+    url.parse::<lapin::uri::AMQPUri>().map(|_| ()).map_err(|_| {
+        format!(
+            "broker.url: `{}` is not a valid AMQP URI; expected amqp://user@host:5672/vhost \
+             (vhost `/` is written %2f; options: heartbeat, connection_timeout, frame_max, \
+             channel_max, auth_mechanism)",
+            redact_url(url)
+        )
+    })
+}
+
+fn check_socket_addr(key: &str, value: &str) -> Result<(), String> {
+    value
+        .parse::<std::net::SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| {
+            format!(
+                "{key}: `{value}` is not a socket address; expected IP:port, e.g. 127.0.0.1:9187"
+            )
+        })
+}
+
+fn check_tls(section: &str, tls: &TlsFiles, encrypted: bool, plain: &str) -> Result<(), String> {
+    if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+        return Err(format!(
+            "{section}.tls_client_cert_file / {section}.tls_client_key_file: give both or neither"
+        ));
+    }
+    if *tls != TlsFiles::default() && !encrypted {
+        return Err(format!("{section}.tls_*: TLS files are set but {plain}"));
+    }
+    Ok(())
+}
+
+/// The TLS files of one client: a CA to trust besides the default roots, and an optional
+/// client certificate with its key (all PEM).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca_file: Option<PathBuf>,
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+}
+
+impl BrokerConfig {
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.tls_ca_file.clone(),
+            client_cert_file: self.tls_client_cert_file.clone(),
+            client_key_file: self.tls_client_key_file.clone(),
+        }
+    }
+}
+
+impl EmbeddingConfig {
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.tls_ca_file.clone(),
+            client_cert_file: self.tls_client_cert_file.clone(),
+            client_key_file: self.tls_client_key_file.clone(),
+        }
+    }
+}
+
+impl SinkConfig {
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.tls_ca_file.clone(),
+            client_cert_file: self.tls_client_cert_file.clone(),
+            client_key_file: self.tls_client_key_file.clone(),
+        }
+    }
+}
+
+/// A toml error as `line L, column C: message`, without the quoted source line (which may
+/// hold a secret) and with quoted values scrubbed from the message.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = scrub_quoted(e.message().trim());
+    match e.span() {
+        Some(span) => {
+            let before = &text[..text.floor_char_boundary(span.start)];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            let key = key_at(text, line);
+            format!("line {line}, column {column}: {key}{message}")
+        }
+        // Without a position (the file was parsed, then overridden from the environment, then
+        // deserialized) there is no source line to quote: the full text adds only the key.
+        None => scrub_quoted(&e.to_string())
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// `section.key: ` of a `key = value` line (and its table header), or nothing.
+fn key_at(text: &str, line: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(this) = lines.get(line.saturating_sub(1)) else {
+        return String::new();
+    };
+    let Some((key, _)) = this.split_once('=') else {
+        return String::new();
+    };
+    let key = key.trim();
+    if key.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    {
+        return String::new();
+    }
+    let section = lines[..line.saturating_sub(1)]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    match section {
+        Some(s) if !s.is_empty() => format!("{s}.{key}: "),
+        _ => format!("{key}: "),
+    }
+}
+
+/// Replaces the contents of "..." in a message: serde quotes the offending value.
+fn scrub_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    for c in message.chars() {
+        if c == '"' {
+            if inside {
+                out.push_str("…\"");
+            } else {
+                out.push('"');
+            }
+            inside = !inside;
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -619,5 +916,107 @@ text = "{name}\n\n{description}"
         );
         assert_eq!(redact_url("amqp://127.0.0.1/"), "amqp://127.0.0.1/");
         assert_eq!(redact_url("amqp://u@h"), "amqp://u@h");
+        assert_eq!(
+            redact_url("https://k:s3cr%2Ft@api.example.com/v1"),
+            "https://k:***@api.example.com/v1"
+        );
+    }
+
+    #[test]
+    fn redaction_fails_closed_on_a_url_that_does_not_parse() {
+        for url in [
+            "amqp://guest:Qz/Wk@127.0.0.1:5672/%2f",
+            "amqp://guest:1234/Wk@127.0.0.1:5672/%2f",
+            "amqp://guest:Qz?Wk@127.0.0.1/%2f",
+            "amqp://guest:Qz#Wk@127.0.0.1/%2f",
+            "amqp:guest:QzWk@127.0.0.1",
+            "guest:QzWk@127.0.0.1",
+        ] {
+            let shown = redact_url(url);
+            assert!(
+                !shown.contains("Qz") && !shown.contains("Wk") && !shown.contains("1234"),
+                "{url} → {shown}"
+            );
+            assert!(shown.contains("hidden"), "{url} → {shown}");
+        }
+    }
+
+    #[test]
+    fn a_broker_url_that_does_not_parse_is_a_config_error_without_the_password() {
+        for url in [
+            "amqp://guest:Sec/ret@127.0.0.1:5672/%2f",
+            "amqp://guest:Sec?ret@127.0.0.1:5672/%2f",
+            "amqp://guest:Sec#ret@127.0.0.1:5672/%2f",
+            "http://guest:Secret@127.0.0.1:5672/%2f",
+            "amqp://guest:Secret@127.0.0.1:notaport/%2f",
+        ] {
+            let text = format!("{MINIMAL}\n[broker]\nurl = \"{url}\"\n");
+            let e = Config::from_toml("c.toml", &text, std::iter::empty())
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("c.toml: broker.url: "), "{e}");
+            assert!(!e.contains("Sec"), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_the_line_not_its_text() {
+        let text = "[broker]\nurl = \"amqp://guest:Secret@h/%2f\" trailing\n";
+        let e = Config::from_toml("c.toml", text, std::iter::empty())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c.toml: line 2, column "), "{e}");
+        assert!(!e.contains("Secret"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key_without_the_value() {
+        let text = format!("{MINIMAL}\n[broker]\nprefetch = \"Secret\"\n");
+        let e = Config::from_toml("c.toml", &text, std::iter::empty())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prefetch"), "{e}");
+        assert!(!e.contains("Secret"), "{e}");
+    }
+
+    #[test]
+    fn addresses_and_schemes_are_checked() {
+        let cases = [
+            (
+                "[http]\nlisten = \"not-an-address\"\n",
+                "http.listen: `not-an-address` is not a socket address",
+            ),
+            (
+                "[http]\nsearch_listen = \"127.0.0.1:9187\"\n",
+                "http.search_listen: `127.0.0.1:9187` is also http.listen",
+            ),
+            (
+                "[sink]\nkind = \"qdrant\"\nurl = \"grpc://q:6334\"\n",
+                "sink.url: `grpc://q:6334` has scheme `grpc`",
+            ),
+            (
+                "[embedding]\nprovider = \"http\"\nurl = \"127.0.0.1:8090/v1\"\n",
+                "embedding.url: ",
+            ),
+            (
+                "[broker]\ntls_ca_file = \"/ca.pem\"\n",
+                "broker.tls_*: TLS files are set but broker.url is amqp://",
+            ),
+            (
+                "[broker]\nurl = \"amqps://h/%2f\"\ntls_client_cert_file = \"/c.pem\"\n",
+                "give both or neither",
+            ),
+        ];
+        for (extra, expected) in cases {
+            let text = format!("{MINIMAL}\n{extra}");
+            let e = Config::from_toml("c.toml", &text, std::iter::empty())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expected), "{extra}: {e}");
+        }
+        let text = format!(
+            "{MINIMAL}\n[broker]\nurl = \"amqps://cdc@rabbit:5671/%2f\"\ntls_ca_file = \"/ca.pem\"\n"
+        );
+        assert!(Config::from_toml("c.toml", &text, std::iter::empty()).is_ok());
     }
 }

@@ -4,6 +4,13 @@
 //! leave in place are released by closing the channel, which returns them to the queue in
 //! their original order. A scan never reads more than the depth the queue had when it began,
 //! so a replay that fails again (and lands back at the tail) is not read twice in one run.
+//!
+//! `stats` folds each entry into its counters as it is read (memory bounded by the counters,
+//! not the queue). `replay` republishes into **our main queue only**, through the default
+//! exchange (routing key = the queue's name): republishing to the original topic exchange
+//! would hand the event again to every other queue bound there. The original exchange and
+//! routing key travel in `x-cdc-original-exchange` / `x-cdc-original-routing-key`, which the
+//! pipeline reads (`broker::routing_key_of`) and a second dead-lettering keeps.
 
 use std::io::{IsTerminal, Write as _};
 
@@ -36,7 +43,8 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Republish entries to their original exchange and routing key.
+    /// Republish entries into the main queue (their original exchange and routing key kept
+    /// in headers).
     Replay(ReplayArgs),
     /// Delete every entry.
     Purge {
@@ -248,6 +256,37 @@ async fn scan(
     Ok(out)
 }
 
+/// Counters over the DLQ, built one entry at a time.
+#[derive(Default)]
+struct Stats {
+    by_kind: std::collections::BTreeMap<String, u64>,
+    by_table: std::collections::BTreeMap<String, u64>,
+    oldest: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Stats {
+    fn add(&mut self, e: &Entry) {
+        *self.by_kind.entry(e.error_kind.clone()).or_default() += 1;
+        *self.by_table.entry(e.table.clone()).or_default() += 1;
+        if let Some(at) = failed_at(&e.failed_at) {
+            self.oldest = Some(self.oldest.map_or(at, |o| o.min(at)));
+        }
+    }
+}
+
+/// `x-cdc-failed-at` (RFC 3339) or the broker's `x-death` time (an AMQP timestamp, shown
+/// as RFC 3339; bare epoch seconds accepted too).
+fn failed_at(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|d| d.with_timezone(&chrono::Utc))
+        .or_else(|| {
+            text.parse::<i64>()
+                .ok()
+                .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+        })
+}
+
 async fn stats(
     connection: &Connection,
     config: &Config,
@@ -259,33 +298,26 @@ async fn stats(
         .map_err(|e| amqp_error("open channel", e))?;
     let queue = &config.topology.dead_letter_queue;
     let n = depth(&channel, queue).await?;
-    let entries: Vec<Entry> = scan(&channel, queue, n as usize)
-        .await?
-        .iter()
-        .map(Entry::of)
-        .collect();
-    let _ = channel.close(200, "done".into()).await;
-    let mut by_kind = std::collections::BTreeMap::<String, u64>::new();
-    let mut by_table = std::collections::BTreeMap::<String, u64>::new();
-    for e in &entries {
-        *by_kind.entry(e.error_kind.clone()).or_default() += 1;
-        *by_table.entry(e.table.clone()).or_default() += 1;
+    // Each entry is held unacked by the broker (returned, in order, when the channel closes)
+    // and dropped here once counted.
+    let mut stats = Stats::default();
+    for _ in 0..n {
+        match channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|e| amqp_error("basic.get", e))?
+        {
+            Some(message) => stats.add(&Entry::of(&message)),
+            None => break,
+        }
     }
-    let oldest = entries
-        .iter()
-        .filter_map(|e| {
-            chrono::DateTime::parse_from_rfc3339(&e.failed_at)
-                .ok()
-                .or_else(|| {
-                    e.failed_at
-                        .parse::<i64>()
-                        .ok()
-                        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
-                        .map(|d| d.fixed_offset())
-                })
-        })
-        .min();
-    let age = oldest.map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds());
+    let _ = channel.close(200, "done".into()).await;
+    let Stats {
+        by_kind,
+        by_table,
+        oldest,
+    } = stats;
+    let age = oldest.map(|t| (chrono::Utc::now() - t).num_seconds().max(0));
     if as_json {
         println!(
             "{}",
@@ -415,27 +447,24 @@ pub async fn replay(
                 summary.replayed += 1;
                 summary.skipped -= 1;
                 println!(
-                    "would replay {} {} {} [{}] to {}/{}",
+                    "would replay {} {} {} [{}] into queue {} (originally {}/{})",
                     entry.table,
                     entry.op,
                     entry.key,
                     entry.error_kind,
+                    config.topology.queue,
                     entry.exchange,
                     entry.routing_key
                 );
             }
             continue;
         }
-        let exchange = if entry.exchange.is_empty() {
-            config.topology.exchange.clone()
-        } else {
-            entry.exchange.clone()
-        };
-        let properties = replay_properties(&message.delivery.properties, entry.replay_count + 1);
+        let properties = replay_properties(&message.delivery.properties, &entry, config);
+        // Into our own queue only, through the default exchange.
         let confirmed = channel
             .basic_publish(
-                exchange.as_str().into(),
-                entry.routing_key.as_str().into(),
+                "".into(),
+                config.topology.queue.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -461,8 +490,14 @@ pub async fn replay(
                 // Unroutable or refused: the entry stays in the DLQ.
                 summary.failed += 1;
                 eprintln!(
-                    "cannot replay {} {} to {exchange}/{}: {other:?}",
-                    entry.table, entry.key, entry.routing_key
+                    "cannot replay {} {} into queue {}: {}",
+                    entry.table,
+                    entry.key,
+                    config.topology.queue,
+                    match other {
+                        Confirmation::Ack(Some(_)) => "unroutable (does the queue exist?)",
+                        _ => "refused by the broker",
+                    }
                 );
             }
         }
@@ -479,8 +514,12 @@ pub async fn replay(
 }
 
 /// The original properties, without our error headers and the broker's death history,
-/// with `x-cdc-replay-count` raised.
-fn replay_properties(properties: &BasicProperties, replay_count: i64) -> BasicProperties {
+/// with the original exchange and routing key in headers and `x-cdc-replay-count` raised.
+fn replay_properties(
+    properties: &BasicProperties,
+    entry: &Entry,
+    config: &Config,
+) -> BasicProperties {
     let mut headers = FieldTable::default();
     if let Some(old) = properties.headers() {
         for (k, v) in old.inner() {
@@ -495,10 +534,20 @@ fn replay_properties(properties: &BasicProperties, replay_count: i64) -> BasicPr
             headers.insert(k.clone(), v.clone());
         }
     }
-    headers.insert(
-        ShortString::from("x-cdc-replay-count".to_string()),
-        AMQPValue::LongString(LongString::from(replay_count.to_string())),
-    );
+    let mut set = |name: &str, value: String| {
+        headers.insert(
+            ShortString::from(name.to_string()),
+            AMQPValue::LongString(LongString::from(value)),
+        );
+    };
+    let exchange = if entry.exchange.is_empty() {
+        config.topology.exchange.clone()
+    } else {
+        entry.exchange.clone()
+    };
+    set("x-cdc-original-exchange", exchange);
+    set("x-cdc-original-routing-key", entry.routing_key.clone());
+    set("x-cdc-replay-count", (entry.replay_count + 1).to_string());
     properties
         .clone()
         .with_headers(headers)

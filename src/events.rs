@@ -190,6 +190,22 @@ impl InternalEvent for BrokerSessionLost<'_> {
     }
 }
 
+/// A dead letter came back unroutable (`basic.return`): the DLX has no queue bound. The
+/// message it was for is not acked; the pipeline retries (intake paused, not ready).
+pub struct DeadLetterUnroutable<'a> {
+    pub exchange: &'a str,
+}
+
+impl InternalEvent for DeadLetterUnroutable<'_> {
+    fn emit(self, m: &Metrics) {
+        m.dead_letters_unroutable.inc();
+        tracing::error!(
+            exchange = self.exchange,
+            "dead letter unroutable: the dead-letter exchange has no queue bound; nothing is acked until it has one (run `cdc-indexer topology declare`)"
+        );
+    }
+}
+
 /// A delete that lost its key (the unwrap SMT's default mode): it cannot be applied.
 pub struct KeylessDeleteSeen<'a> {
     /// `schema.table` from the routing key (or the routing key itself).

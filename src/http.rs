@@ -1,5 +1,8 @@
-//! The side HTTP port: `/healthz`, `/readyz`, `/metrics`, and a read-only `/search` (the
-//! embedded index belongs to the daemon's process, so `cdc-indexer search` asks here).
+//! The side HTTP port: `/healthz`, `/readyz`, `/metrics` (probes and Prometheus, often on
+//! the pod IP); and, only when `http.search_listen` is set, a search port of its own with a
+//! read-only `/search` (the embedded index belongs to the daemon's process, so
+//! `cdc-indexer search` asks there). Search answers with row payloads and competes with the
+//! pipeline for the embedder, so it is off by default and can require a bearer token.
 
 use std::sync::Arc;
 
@@ -23,31 +26,58 @@ pub type SearchParts = Arc<tokio::sync::OnceCell<(Arc<dyn Embedder>, Arc<dyn Sin
 #[derive(Clone)]
 pub struct AppState {
     pub metrics: Arc<Metrics>,
-    /// Set once the embedder and sink are up.
-    pub search: SearchParts,
 }
 
 /// Seconds without a pipeline heartbeat after which `/healthz` fails.
 const MAX_SILENCE_S: i64 = 60;
 
+/// The side port: probes and metrics. No `/search` here.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// What the search port needs.
+#[derive(Clone)]
+pub struct SearchState {
+    pub search: SearchParts,
+    /// When set, `/search` requires `Authorization: Bearer <token>`.
+    pub token: Option<Arc<str>>,
+}
+
+/// The search port: `/search` only.
+pub fn search_router(state: SearchState) -> Router {
+    Router::new()
         .route("/search", get(search))
         .with_state(state)
 }
 
-/// Serves until `cancel`.
+/// Serves `router` until `cancel`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    state: AppState,
+    router: Router,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    axum::serve(listener, router)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await
+}
+
+/// Constant-time comparison of the presented bearer token with ours.
+fn authorized(headers: &axum::http::HeaderMap, token: Option<&str>) -> bool {
+    let Some(expected) = token else {
+        return true;
+    };
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (presented.as_bytes(), expected.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {
@@ -94,7 +124,19 @@ struct SearchQuery {
     limit: Option<usize>,
 }
 
-async fn search(State(s): State<AppState>, Query(q): Query<SearchQuery>) -> Response {
+async fn search(
+    State(s): State<SearchState>,
+    headers: axum::http::HeaderMap,
+    Query(q): Query<SearchQuery>,
+) -> Response {
+    if !authorized(&headers, s.token.as_deref()) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+            Json(json!({"error": "missing or wrong bearer token (http.search_token_env / search_token_file)"})),
+        )
+            .into_response();
+    }
     let Some((embedder, sink)) = s.search.get() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -1,7 +1,9 @@
 //! cdc-indexer: keeps a vector index in step with a database, from Debezium change events
 //! on RabbitMQ. See ARCHITECTURE.md for the map of the code.
 
-use cdc_indexer::{broker, dlq, embed, http, mapping, metrics, notify, pipeline, search, sink};
+use cdc_indexer::{
+    broker, dlq, embed, http, mapping, metrics, notify, pipeline, preflight, search, sink,
+};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use cdc_indexer::config::{Config, redact_url};
+use cdc_indexer::config::{Config, ConfigError, read_secret, redact_url};
 use cdc_indexer::error::{ErrorKind, StageError};
 
 #[derive(Parser)]
@@ -37,8 +39,14 @@ struct Cli {
 enum Command {
     /// Run the daemon (default for deployments).
     Run,
-    /// Validate the configuration and exit.
-    CheckConfig,
+    /// Validate the configuration, and what `run` would refuse on this machine, and exit.
+    CheckConfig {
+        /// Check the file only, not the files it names on this machine (model, ONNX Runtime,
+        /// secrets, certificates, index directory): for a config meant for another host or
+        /// an image.
+        #[arg(long = "static")]
+        static_only: bool,
+    },
     /// Manage the RabbitMQ topology.
     Topology {
         #[command(subcommand)]
@@ -89,6 +97,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // What `run` would refuse at start, checked without connecting anywhere.
+    let host = match cli.command {
+        Command::Run => Some(true),
+        Command::CheckConfig { static_only } => Some(!static_only),
+        _ => None,
+    };
+    if let Some(host) = host {
+        let problems = preflight::check(&config, host);
+        if !problems.is_empty() {
+            let file = cli.config.display().to_string();
+            for problem in problems {
+                eprintln!("error: {}", ConfigError::new(file.clone(), problem));
+            }
+            return ExitCode::from(2);
+        }
+    }
+    let daemon = matches!(cli.command, Command::Run);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -102,7 +127,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run => run(config).await,
-            Command::CheckConfig => {
+            Command::CheckConfig { .. } => {
                 println!(
                     "{}: ok ({} table rules, sink {:?}, broker {})",
                     cli.config.display(),
@@ -169,11 +194,18 @@ fn main() -> ExitCode {
             } => search_command(&config, &text, table.as_deref(), limit, json).await,
         }
     });
+    // The runtime goes first: every task (and with it every handle on the embedder) ends.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
     match result {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(kind = e.kind.as_str(), "{}", e.message);
-            eprintln!("error: {}", e.message);
+            // One line that says what to fix: the daemon's goes to its log (text or JSON),
+            // a command's to the terminal.
+            if daemon {
+                tracing::error!(kind = e.kind.as_str(), "{}", e.message);
+            } else {
+                eprintln!("error: {}", e.message);
+            }
             ExitCode::from(if e.kind == ErrorKind::Fatal { 3 } else { 1 })
         }
     }
@@ -181,8 +213,26 @@ fn main() -> ExitCode {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CDC_INDEXER_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,qdrant_edge=warn,ort=warn"));
+    // lapin (and the TLS verifier under it) logs every failure it meets (a channel or
+    // connection the broker closed, I/O errors, a certificate it rejects) as an ERROR of its
+    // own before handing us the same error, which we classify and report once, with what to
+    // fix: their copies are off by default (`CDC_INDEXER_LOG=info,lapin=debug` shows them).
+    let filter = EnvFilter::try_from_env("CDC_INDEXER_LOG").unwrap_or_else(|_| {
+        EnvFilter::new("info,lapin=off,rustls_platform_verifier=off,qdrant_edge=warn,ort=warn")
+    });
+    // qdrant-edge 0.9 reads process-wide settings that only a Qdrant server's main
+    // initialises, in private modules we cannot reach (`common::flags::init_feature_flags`,
+    // `common::mmap::MULTI_MMAP_SUPPORT_CHECK_RESULT`); it warns on every read and uses the
+    // defaults. Those warnings say nothing an operator can act on.
+    let mut filter = filter;
+    for quiet in [
+        "qdrant_edge::common::flags=error",
+        "qdrant_edge::common::mmap::ops=error",
+    ] {
+        if let Ok(directive) = quiet.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     // Colour only on a terminal: journald, kubectl logs and files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
@@ -208,21 +258,33 @@ async fn run(config: Config) -> Result<ExitCode, StageError> {
     );
     metrics.health.beat();
     let search = Arc::new(tokio::sync::OnceCell::new());
-    let listener = tokio::net::TcpListener::bind(&config.http.listen)
-        .await
-        .map_err(|e| {
-            StageError::fatal(format!(
-                "http.listen: cannot listen on {}: {e}",
-                config.http.listen
-            ))
-        })?;
-    let state = http::AppState {
-        metrics: metrics.clone(),
-        search: search.clone(),
-    };
+    let listener = bind("http.listen", &config.http.listen).await?;
     let http_cancel = CancellationToken::new();
-    let http_task = tokio::spawn(http::serve(listener, state, http_cancel.clone()));
-    tracing::info!(listen = %config.http.listen, "side HTTP port up (/healthz, /readyz, /metrics, /search)");
+    let mut http_tasks = vec![tokio::spawn(http::serve(
+        listener,
+        http::router(http::AppState {
+            metrics: metrics.clone(),
+        }),
+        http_cancel.clone(),
+    ))];
+    tracing::info!(listen = %config.http.listen, "side HTTP port up (/healthz, /readyz, /metrics)");
+    if let Some(address) = &config.http.search_listen {
+        let token = read_secret(
+            config.http.search_token_file.as_deref(),
+            &config.http.search_token_env,
+        )
+        .map_err(StageError::fatal)?;
+        let listener = bind("http.search_listen", address).await?;
+        tracing::info!(listen = %address, token = token.is_some(), "search port up (/search)");
+        http_tasks.push(tokio::spawn(http::serve(
+            listener,
+            http::search_router(http::SearchState {
+                search: search.clone(),
+                token: token.map(Arc::from),
+            }),
+            http_cancel.clone(),
+        )));
+    }
 
     let mut rules = HashMap::new();
     for rule in &config.tables {
@@ -247,40 +309,75 @@ async fn run(config: Config) -> Result<ExitCode, StageError> {
         metrics.clone(),
         cancel.clone(),
     );
-    tokio::select! {
-        r = pipeline.retry("sink", || sink.prepare(embedder.dimensions())) => r?,
-        _ = cancel.cancelled() => {
+    let prepared = tokio::select! {
+        r = pipeline.retry("sink", || sink.prepare(embedder.dimensions())) => Some(r),
+        _ = cancel.cancelled() => None,
+    };
+    let result = match prepared {
+        None => {
             tracing::info!("stopped before the index was ready");
-            return Ok(ExitCode::SUCCESS);
+            Ok(())
         }
-    }
-    metrics
-        .health
-        .sink_ok
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = search.set((embedder.clone(), sink.clone()));
-    tracing::info!(sink = sink.name(), "index ready");
+        Some(Err(e)) => Err(e),
+        Some(Ok(())) => {
+            metrics
+                .health
+                .sink_ok
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = search.set((embedder.clone(), sink.clone()));
+            tracing::info!(sink = sink.name(), "index ready");
 
-    notify::spawn(metrics.health.clone(), cancel.clone());
-    let poller = tokio::spawn(broker::poll_queue_depths(
-        config.clone(),
-        metrics.clone(),
-        std::time::Duration::from_secs(5),
-        cancel.clone(),
-    ));
-    let result = pipeline.run().await;
-    notify::notify("STOPPING=1");
-    cancel.cancel();
-    let _ = poller.await;
-    http_cancel.cancel();
-    let _ = http_task.await;
-    match result {
-        Ok(()) => {
-            tracing::info!("stopped cleanly");
-            Ok(ExitCode::SUCCESS)
+            notify::spawn(metrics.health.clone(), cancel.clone());
+            let poller = tokio::spawn(broker::poll_queue_depths(
+                config.clone(),
+                metrics.clone(),
+                std::time::Duration::from_secs(5),
+                cancel.clone(),
+            ));
+            let result = pipeline.run().await;
+            notify::notify("STOPPING=1");
+            cancel.cancel();
+            let _ = poller.await;
+            result
         }
-        Err(e) => Err(e),
+    };
+    http_cancel.cancel();
+    for task in http_tasks {
+        let _ = task.await;
     }
+    drop(pipeline);
+    drop(search);
+    drop(sink);
+    embedder_idle(&config, embedder).await;
+    result.map(|()| {
+        tracing::info!("stopped cleanly");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Waits until the in-process embedder has finished the job it may still be running (a
+/// batch abandoned at the shutdown deadline goes on computing on the model's thread), so
+/// that ONNX Runtime is idle when the process exits; exiting mid-inference makes it print
+/// an error of its own. The model's thread takes jobs in order: the reply to one more, tiny
+/// job means every earlier one is done.
+async fn embedder_idle(config: &Config, embedder: Arc<dyn embed::Embedder>) {
+    if config.embedding.provider != cdc_indexer::config::EmbeddingProvider::Fastembed {
+        return;
+    }
+    let probe = [String::from(".")];
+    let barrier = embedder.embed(&probe);
+    if tokio::time::timeout(std::time::Duration::from_secs(60), barrier)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the embedder did not finish its last job within 60 s; exiting anyway");
+    }
+}
+
+async fn bind(key: &str, address: &str) -> Result<tokio::net::TcpListener, StageError> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| StageError::fatal(format!("{key}: cannot listen on {address}: {e}")))
 }
 
 fn spawn_signal_handler(cancel: CancellationToken) {
@@ -301,7 +398,8 @@ fn spawn_signal_handler(cancel: CancellationToken) {
     });
 }
 
-/// Asks the running daemon's `/search`; without a daemon, opens the index itself.
+/// Asks the running daemon's search port (`http.search_listen`); without one configured, or
+/// without a daemon answering there, opens the index itself.
 async fn search_command(
     config: &Config,
     text: &str,
@@ -309,34 +407,18 @@ async fn search_command(
     limit: usize,
     as_json: bool,
 ) -> Result<ExitCode, StageError> {
-    let url = format!("http://{}/search", config.http.listen);
-    let client = reqwest::Client::new();
-    let mut query = vec![("q", text.to_string()), ("limit", limit.to_string())];
-    if let Some(t) = table {
-        query.push(("table", t.to_string()));
-    }
-    let hits: Vec<serde_json::Value> = match client.get(&url).query(&query).send().await {
-        Ok(response) if response.status().is_success() => {
-            let body: serde_json::Value = response
-                .json()
-                .await
-                .map_err(|e| StageError::transient(format!("bad answer from the daemon: {e}")))?;
-            body["results"].as_array().cloned().unwrap_or_default()
-        }
-        Ok(response) => {
-            let status = response.status();
-            let body = response.text().await.unwrap_or_default();
-            return Err(StageError::transient(format!(
-                "the daemon at {url} answered {status}: {body}"
-            )));
-        }
-        Err(e) if e.is_connect() => {
+    let asked = match &config.http.search_listen {
+        Some(address) => ask_daemon(config, address, text, table, limit).await?,
+        None => None,
+    };
+    let hits = match asked {
+        Some(hits) => hits,
+        None => {
             let embedder = embed::from_config(&config.embedding).await?;
             let sink = sink::from_config(config).await?;
             sink.prepare(embedder.dimensions()).await?;
             search::run(embedder.as_ref(), sink.as_ref(), text, table, limit).await?
         }
-        Err(e) => return Err(StageError::from_reqwest(&e)),
     };
     if as_json {
         println!(
@@ -347,4 +429,52 @@ async fn search_command(
         print!("{}", search::render(&hits));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon's answer, or `None` when no daemon listens at `address`.
+async fn ask_daemon(
+    config: &Config,
+    address: &str,
+    text: &str,
+    table: Option<&str>,
+    limit: usize,
+) -> Result<Option<Vec<serde_json::Value>>, StageError> {
+    let url = format!("http://{address}/search");
+    let token = read_secret(
+        config.http.search_token_file.as_deref(),
+        &config.http.search_token_env,
+    )
+    .map_err(StageError::fatal)?;
+    let mut query = vec![("q", text.to_string()), ("limit", limit.to_string())];
+    if let Some(t) = table {
+        query.push(("table", t.to_string()));
+    }
+    let mut request = reqwest::Client::new().get(&url).query(&query);
+    if let Some(token) = &token {
+        request = request.bearer_auth(token);
+    }
+    match request.send().await {
+        Ok(response) if response.status().is_success() => {
+            let body: serde_json::Value = response
+                .json()
+                .await
+                .map_err(|e| StageError::transient(format!("bad answer from the daemon: {e}")))?;
+            Ok(Some(
+                body["results"].as_array().cloned().unwrap_or_default(),
+            ))
+        }
+        Ok(response) => {
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            Err(StageError::from_http_status(
+                status.as_u16(),
+                format!(
+                    "the daemon's search port {url}: {}",
+                    cdc_indexer::error::body_excerpt(&body)
+                ),
+            ))
+        }
+        Err(e) if e.is_connect() => Ok(None),
+        Err(e) => Err(StageError::from_reqwest(&e)),
+    }
 }

@@ -2,7 +2,7 @@
 //! daemon's health flags. One [`Metrics`] is built at start and passed in; no globals.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -39,6 +39,8 @@ pub struct Metrics {
     pub heartbeat: IntGauge,
     /// Messages in the main queue and the DLQ (polled).
     pub queue_messages: IntGaugeVec,
+    /// Dead letters the broker returned as unroutable (the DLX has no queue bound).
+    pub dead_letters_unroutable: IntCounter,
     /// Deletes that arrived without their key (unwrap SMT default mode), by table.
     pub unapplied_deletes: IntCounterVec,
     /// Documents longer than `max_chunks`, indexed by their first chunks, by table.
@@ -61,18 +63,48 @@ pub struct Metrics {
 }
 
 /// What `/healthz` and `/readyz` answer from.
-#[derive(Default)]
+///
+/// Liveness is measured on the monotonic clock (`std::time::Instant`): a wall-clock step
+/// (NTP, a VM resumed, an operator's `date -s`) neither makes a busy loop look stalled nor a
+/// stalled loop look alive. The wall-clock time of the last beat is kept beside it, for the
+/// `pipeline_heartbeat_timestamp_seconds` metric only.
 pub struct Health {
     pub broker_connected: AtomicBool,
     pub consuming: AtomicBool,
     pub paused: AtomicBool,
     pub sink_ok: AtomicBool,
-    /// Unix seconds of the pipeline loop's last turn.
+    /// Unix seconds of the pipeline loop's last turn (for Prometheus; not for liveness).
     pub heartbeat: AtomicI64,
+    /// Milliseconds since `started` (monotonic) of the last turn.
+    beat_ms: AtomicU64,
+    started: std::time::Instant,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            broker_connected: AtomicBool::new(false),
+            consuming: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            sink_ok: AtomicBool::new(false),
+            heartbeat: AtomicI64::new(chrono::Utc::now().timestamp()),
+            beat_ms: AtomicU64::new(0),
+            started: std::time::Instant::now(),
+        }
+    }
 }
 
 impl Health {
+    fn monotonic_ms(&self, now: std::time::Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
+    }
     pub fn beat(&self) {
+        self.beat_at(std::time::Instant::now());
+    }
+    /// A beat at monotonic time `now`.
+    pub fn beat_at(&self, now: std::time::Instant) {
+        self.beat_ms
+            .store(self.monotonic_ms(now), Ordering::Relaxed);
         self.heartbeat
             .store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
     }
@@ -82,8 +114,17 @@ impl Health {
             && !self.paused.load(Ordering::Relaxed)
             && self.sink_ok.load(Ordering::Relaxed)
     }
+    /// True when the last beat is at most `max_silence_s` seconds old, on the monotonic clock.
     pub fn alive(&self, max_silence_s: i64) -> bool {
-        chrono::Utc::now().timestamp() - self.heartbeat.load(Ordering::Relaxed) <= max_silence_s
+        self.alive_at(std::time::Instant::now(), max_silence_s)
+    }
+    /// [`Health::alive`] as seen at monotonic time `now`.
+    pub fn alive_at(&self, now: std::time::Instant, max_silence_s: i64) -> bool {
+        let silence_ms = self
+            .monotonic_ms(now)
+            .saturating_sub(self.beat_ms.load(Ordering::Relaxed));
+        let limit_ms = u64::try_from(max_silence_s.max(0)).unwrap_or(0) * 1000;
+        silence_ms <= limit_ms
     }
 }
 
@@ -221,6 +262,10 @@ impl Metrics {
                 "Unix time of the pipeline's last sign of life (a loop turn, a retry attempt or a second of backoff); /healthz and the systemd watchdog fail when it is older than their limit.",
             )?,
             queue_messages,
+            dead_letters_unroutable: counter(
+                "dead_letters_unroutable_total",
+                "Dead letters the broker returned as unroutable: the dead-letter exchange has no queue bound.",
+            )?,
             unapplied_deletes: counter_vec(
                 "unapplied_deletes_total",
                 "Deletes that arrived without their key (the unwrap SMT's default mode) and could not be applied, by table.",
@@ -292,5 +337,30 @@ impl Metrics {
             .broker_connected
             .store(connected, Ordering::Relaxed);
         self.health.consuming.store(connected, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Silence is measured between monotonic instants; the wall clock (which an NTP step or
+    /// `date -s` can move either way) plays no part.
+    #[test]
+    fn liveness_follows_the_monotonic_clock_not_the_wall_clock() {
+        use std::time::{Duration, Instant};
+        let health = Health::default();
+        let t0 = Instant::now();
+        health.beat_at(t0);
+        assert!(health.alive_at(t0, 60));
+        assert!(health.alive_at(t0 + Duration::from_secs(59), 60));
+        assert!(
+            !health.alive_at(t0 + Duration::from_secs(61), 60),
+            "61 s of silence is a stalled loop, whatever the wall clock says"
+        );
+        health.beat_at(t0 + Duration::from_secs(61));
+        assert!(health.alive_at(t0 + Duration::from_secs(62), 60));
+        // The wall-clock metric is still set, for Prometheus.
+        assert!(health.heartbeat.load(Ordering::Relaxed) > 1_700_000_000);
     }
 }

@@ -41,10 +41,10 @@ impl Drop for Runner {
     }
 }
 
-/// Top search hit's key for `query`, from the running daemon's /search.
-fn top_key(d: &Daemon, query: &str, table: &str) -> Option<String> {
+/// Top search hit's key for `query`, from the running daemon's /search (on its search port).
+fn top_key(search: &str, query: &str, table: &str) -> Option<String> {
     let q: String = query.replace(' ', "%20");
-    let (status, body) = d.get(&format!("/search?q={q}&table={table}&limit=1"))?;
+    let (status, body) = http_get(search, &format!("/search?q={q}&table={table}&limit=1"))?;
     if status != 200 {
         return None;
     }
@@ -84,6 +84,15 @@ async fn postgres_changes_reach_search_through_real_debezium() {
         "[[tables]]\ntable = \"public.{table}\"\nid_columns = [\"id\"]\ntext = \"{{name}}: {{description}}\"\n"
     );
     let w = World::new("e2e", &rules, "[pipeline]\nbatch_max_wait_ms = 100\n");
+    // /search is off unless given a port of its own.
+    let search = format!("127.0.0.1:{}", free_port());
+    let config = std::fs::read_to_string(&w.config_path)
+        .expect("config")
+        .replace(
+            &format!("listen = \"{}\"", w.http),
+            &format!("listen = \"{}\"\nsearch_listen = \"{search}\"", w.http),
+        );
+    std::fs::write(&w.config_path, config).expect("config");
     let mut d = w.start();
     d.wait_ready(Duration::from_secs(60));
 
@@ -119,26 +128,26 @@ async fn postgres_changes_reach_search_through_real_debezium() {
 
     // Snapshot: the three rows are searchable.
     let snapshot = eventually("snapshot indexed", Duration::from_secs(120), || {
-        top_key(&d, "espresso coffee grinder", &t).as_deref() == Some(r#"{"id":2}"#)
+        top_key(&search, "espresso coffee grinder", &t).as_deref() == Some(r#"{"id":2}"#)
     });
     // Insert.
     psql(&format!(
         "INSERT INTO public.{table} VALUES (4, 'Kayak paddle', 'A carbon paddle for sea kayaking')"
     ));
     let insert = eventually("insert searchable", Duration::from_secs(60), || {
-        top_key(&d, "paddle for a sea kayak", &t).as_deref() == Some(r#"{"id":4}"#)
+        top_key(&search, "paddle for a sea kayak", &t).as_deref() == Some(r#"{"id":4}"#)
     });
     // Update: row 1 becomes something else entirely.
     psql(&format!(
         "UPDATE public.{table} SET name = 'Cast iron skillet', description = 'A heavy pan for searing steak' WHERE id = 1"
     ));
     let update = eventually("update searchable", Duration::from_secs(60), || {
-        top_key(&d, "pan to sear a steak", &t).as_deref() == Some(r#"{"id":1}"#)
+        top_key(&search, "pan to sear a steak", &t).as_deref() == Some(r#"{"id":1}"#)
     });
     // Delete: row 3 disappears.
     psql(&format!("DELETE FROM public.{table} WHERE id = 3"));
     let delete = eventually("delete applied", Duration::from_secs(60), || {
-        top_key(&d, "running shoe for muddy trails", &t).as_deref() != Some(r#"{"id":3}"#)
+        top_key(&search, "running shoe for muddy trails", &t).as_deref() != Some(r#"{"id":3}"#)
     });
     println!(
         "e2e latencies: snapshot {snapshot:?}, insert {insert:?}, update {update:?}, delete {delete:?}"

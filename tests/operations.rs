@@ -71,6 +71,15 @@ async fn metrics_are_complete_and_pass_promtool() {
     let mut d = w.start();
     d.wait_ready(Duration::from_secs(60));
     d.wait_processed(2.0, Duration::from_secs(60));
+    // Queue depths come from a poller of their own (on its own connection, every 5 s).
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(15)
+        && !d
+            .get("/metrics")
+            .is_some_and(|(_, t)| t.contains("cdc_indexer_queue_messages{queue=\"dlq\"}"))
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (status, text) = d.get("/metrics").expect("metrics");
     assert_eq!(status, 200);
     for name in [

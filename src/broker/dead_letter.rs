@@ -3,6 +3,10 @@
 //! The original body and properties are kept; reason headers are added (DESIGN §5):
 //! `x-cdc-error-kind`, `x-cdc-error`, `x-cdc-original-exchange`,
 //! `x-cdc-original-routing-key`, `x-cdc-failed-at`. The routing key stays the original one.
+//!
+//! Publishes are `mandatory`: a dead letter the DLX cannot route to any queue (its binding
+//! was removed) comes back as `basic.return` before the confirm, and is then an error, never
+//! a confirmed dead letter: the original delivery stays unacked and nothing is lost.
 
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -11,6 +15,8 @@ use lapin::{BasicProperties, Channel, Connection};
 
 use super::amqp_error;
 use crate::error::StageError;
+use crate::events::{DeadLetterUnroutable, InternalEvent};
+use crate::metrics::Metrics;
 
 /// Why a message is dead-lettered: a short machine-readable kind and a human reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +30,7 @@ pub struct DeadLetter {
 pub struct DeadLetterPublisher {
     channel: Channel,
     exchange: String,
+    metrics: Option<std::sync::Arc<Metrics>>,
 }
 
 /// Longest reason we put in a header (the broker limits frame sizes; reasons are for humans).
@@ -42,7 +49,14 @@ impl DeadLetterPublisher {
         Ok(Self {
             channel,
             exchange: exchange.to_string(),
+            metrics: None,
         })
+    }
+
+    /// Counts unroutable dead letters in `metrics` (`dead_letters_unroutable_total`).
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Publishes and waits for the broker's confirm.
@@ -62,10 +76,16 @@ impl DeadLetterPublisher {
             );
         };
         let reason = &letter.reason[..letter.reason.floor_char_boundary(MAX_REASON)];
+        // A delivery replayed from the DLQ came through the default exchange: its original
+        // exchange and routing key are already in the headers and stay.
+        let replayed =
+            super::header(properties.headers().as_ref(), "x-cdc-original-exchange").is_some();
         set("x-cdc-error-kind", letter.kind.to_string());
         set("x-cdc-error", reason.to_string());
-        set("x-cdc-original-exchange", original_exchange.to_string());
-        set("x-cdc-original-routing-key", routing_key.to_string());
+        if !replayed {
+            set("x-cdc-original-exchange", original_exchange.to_string());
+            set("x-cdc-original-routing-key", routing_key.to_string());
+        }
         set(
             "x-cdc-failed-at",
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -74,7 +94,8 @@ impl DeadLetterPublisher {
             .clone()
             .with_headers(headers)
             .with_delivery_mode(2);
-        self.publish_raw(body, routing_key, properties).await
+        let routing_key = super::routing_key_of(routing_key, properties.headers().as_ref());
+        self.publish_raw(body, &routing_key, properties).await
     }
 
     /// Publishes `body` with exactly `properties` to the DLX and waits for the confirm.
@@ -89,7 +110,10 @@ impl DeadLetterPublisher {
             .basic_publish(
                 self.exchange.as_str().into(),
                 routing_key.into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 body,
                 properties,
             )
@@ -98,7 +122,21 @@ impl DeadLetterPublisher {
             .await
             .map_err(|e| amqp_error("confirm from the dead-letter exchange", e))?;
         match confirm {
-            Confirmation::Ack(_) => Ok(()),
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_returned)) | Confirmation::Nack(Some(_returned)) => {
+                if let Some(metrics) = &self.metrics {
+                    DeadLetterUnroutable {
+                        exchange: &self.exchange,
+                    }
+                    .emit(metrics);
+                }
+                Err(StageError::transient(format!(
+                    "the dead-letter exchange `{}` has no queue bound: the broker returned the \
+                     dead letter as unroutable, so it was not kept and its message stays unacked; \
+                     bind the DLQ again (`cdc-indexer topology declare`)",
+                    self.exchange
+                )))
+            }
             other => Err(StageError::transient(format!(
                 "the broker did not confirm a dead letter: {other:?}"
             ))),

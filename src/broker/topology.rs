@@ -28,6 +28,12 @@ pub fn main_queue_arguments(t: &TopologyConfig) -> Vec<(&'static str, Value)> {
         QueueType::Quorum => {
             args.push(("x-queue-type", json!("quorum")));
             args.push(("x-delivery-limit", json!(t.delivery_limit)));
+            // The broker's own dead-lettering (delivery limit reached) is at-most-once by
+            // default: a message is dropped if the DLQ does not take it. At-least-once keeps it
+            // in this queue until the DLQ has confirmed it (RabbitMQ 3.10+, feature flag
+            // `stream_queue`); RabbitMQ requires `reject-publish` overflow for it.
+            args.push(("x-dead-letter-strategy", json!("at-least-once")));
+            args.push(("x-overflow", json!("reject-publish")));
         }
         QueueType::Classic => args.push(("x-queue-type", json!("classic"))),
     }
@@ -62,16 +68,22 @@ fn describe(args: &[(&'static str, Value)]) -> String {
 }
 
 fn conflict(object: &str, wanted: &str, e: lapin::Error) -> StageError {
-    let text = e.to_string();
-    if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
-        StageError::fatal(format!(
-            "{object} already exists with other settings than ours ({wanted}); the broker says: {text}. \
+    use crate::broker::{Phase, classify, reply_code};
+    let kind = classify(&e, Phase::Declare);
+    let message = match reply_code(&e) {
+        Some(406) => format!(
+            "{object} already exists with other settings than ours ({wanted}); the broker says: {e}. \
              Delete or rename it, or change [topology] in the config"
-        ))
-    } else if text.contains("ACCESS_REFUSED") {
-        StageError::fatal(format!("not allowed to declare {object}: {text}"))
-    } else {
-        StageError::transient(format!("declaring {object}: {text}"))
+        ),
+        Some(403) => format!(
+            "not allowed to declare {object} (403 ACCESS_REFUSED): give the broker user \
+             configure permission on it, or pre-provision topology/definitions.json: {e}"
+        ),
+        _ => format!("declaring {object}: {e}"),
+    };
+    match kind {
+        crate::error::ErrorKind::Fatal => StageError::fatal(message),
+        _ => StageError::transient(message),
     }
 }
 

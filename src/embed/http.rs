@@ -53,9 +53,10 @@ impl HttpEmbedder {
         }
         let api_key = read_secret(config.api_key_file.as_deref(), &config.api_key_env)
             .map_err(StageError::fatal)?;
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(60));
+        let client = crate::tls::http(builder, "embedding", &config.tls())?
             .build()
             .map_err(|e| StageError::fatal(format!("cannot build the HTTP client: {e}")))?;
         Ok(HttpEmbedder {
@@ -92,7 +93,7 @@ impl HttpEmbedder {
             let response = request
                 .send()
                 .await
-                .map_err(|e| StageError::from_reqwest(&e))?;
+                .map_err(|e| StageError::from_reqwest_in(&e, "embedding"))?;
             let status = response.status();
             if matches!(status.as_u16(), 429 | 503) {
                 self.limiter.record(Signal::Backpressure);
@@ -106,10 +107,11 @@ impl HttpEmbedder {
                 continue;
             }
             if !status.is_success() {
+                // The body may quote the rejected input (row data): only its start is kept.
                 let text = response.text().await.unwrap_or_default();
                 return Err(StageError::from_http_status(
                     status.as_u16(),
-                    truncate(&text, 300),
+                    crate::error::body_excerpt(&text),
                 ));
             }
             let parsed: Response = response.json().await.map_err(|e| {
@@ -184,10 +186,6 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
     let secs: f64 = value.trim().parse().ok()?;
     Some(Duration::from_secs_f64(secs.clamp(0.0, 300.0)))
-}
-
-fn truncate(text: &str, max: usize) -> &str {
-    &text[..text.floor_char_boundary(max)]
 }
 
 #[async_trait]

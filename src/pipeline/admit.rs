@@ -44,7 +44,11 @@ pub(super) fn admit(p: &Pipeline, origin: usize, d: &Delivery) -> (Fate, Admissi
         outcome: "dead_lettered",
         source_ts_ms: None,
     };
-    let routing_key = d.routing_key.as_str();
+    // A delivery replayed from the DLQ arrives through the default exchange: its original
+    // routing key travels in a header.
+    let routing_key =
+        crate::broker::routing_key_of(d.routing_key.as_str(), d.properties.headers().as_ref());
+    let routing_key = routing_key.as_str();
     let event = match decode(&d.data, routing_key) {
         Ok(Decoded::Change(event)) => *event,
         Ok(Decoded::Ignored(kind)) => {

@@ -33,10 +33,11 @@ impl LlamaIndexSink {
     pub fn new(config: &SinkConfig) -> Result<LlamaIndexSink, StageError> {
         let api_key = read_secret(config.api_key_file.as_deref(), &config.api_key_env)
             .map_err(StageError::fatal)?;
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(60));
+        let client = crate::tls::http(builder, "sink", &config.tls())?
             .build()
             .map_err(|e| StageError::fatal(format!("cannot build the HTTP client: {e}")))?;
         Ok(LlamaIndexSink {
@@ -53,7 +54,7 @@ impl LlamaIndexSink {
             request = request.bearer_auth(key);
         }
         let response = request.send().await.map_err(|e| {
-            let mut err = StageError::from_reqwest(&e);
+            let mut err = StageError::from_reqwest_in(&e, "sink");
             err.message = format!(
                 "python-indexer at {}: {}",
                 redact_url(&self.base),
@@ -65,13 +66,16 @@ impl LlamaIndexSink {
         let text = response
             .text()
             .await
-            .map_err(|e| StageError::from_reqwest(&e))?;
+            .map_err(|e| StageError::from_reqwest_in(&e, "sink"))?;
         Progress::current().beat();
         if !status.is_success() {
-            let short = &text[..text.floor_char_boundary(500)];
+            // The body may quote the rejected input (row data): only its start is kept.
             return Err(StageError::from_http_status(
                 status.as_u16(),
-                format!("python-indexer {path}: {short}"),
+                format!(
+                    "python-indexer {path}: {}",
+                    crate::error::body_excerpt(&text)
+                ),
             ));
         }
         serde_json::from_str(&text).map_err(|e| {
@@ -115,12 +119,15 @@ impl Sink for LlamaIndexSink {
 
     async fn prepare(&self, vector_size: usize) -> Result<(), StageError> {
         let url = format!("{}/healthz", self.base);
-        let response = self
-            .client
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| StageError::from_reqwest(&e))?;
+        let response = self.client.get(&url).send().await.map_err(|e| {
+            let mut err = StageError::from_reqwest_in(&e, "sink");
+            err.message = format!(
+                "python-indexer at {}: {}",
+                redact_url(&self.base),
+                err.message
+            );
+            err
+        })?;
         if !response.status().is_success() {
             return Err(StageError::transient(format!(
                 "python-indexer at {} is not healthy: HTTP {}",
@@ -133,7 +140,7 @@ impl Sink for LlamaIndexSink {
             .await
             .map_err(|e| StageError::transient(format!("python-indexer /healthz: {e}")))?;
         match health["vector_size"].as_u64() {
-            Some(size) if size as usize == vector_size => Ok(()),
+            Some(size) if size as usize == vector_size => self.check_credentials().await,
             Some(size) => Err(StageError::fatal(format!(
                 "python-indexer's collection `{}` has vectors of size {size}, but our model gives {vector_size}",
                 health["collection"].as_str().unwrap_or("?")
@@ -319,7 +326,47 @@ impl Sink for LlamaIndexSink {
                 "python-indexer unhealthy: HTTP {}",
                 r.status()
             ))),
-            Err(e) => Err(StageError::from_reqwest(&e)),
+            Err(e) => Err(StageError::from_reqwest_in(&e, "sink")),
+        }
+    }
+}
+
+impl LlamaIndexSink {
+    /// `/healthz` is open to everyone: an authenticated call (a `:get` of no keys, which
+    /// reads nothing) tells at start whether the service takes our API key. A 401/403 is
+    /// fatal and says which setting to fix.
+    async fn check_credentials(&self) -> Result<(), StageError> {
+        let url = format!("{}/v1/documents:get", self.base);
+        let mut request = self.client.post(&url).json(&json!({ "keys": [] }));
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| StageError::from_reqwest_in(&e, "sink"))?;
+        match response.status().as_u16() {
+            200..=299 => Ok(()),
+            status @ (401 | 403) => Err(StageError::fatal(format!(
+                "python-indexer at {} refused our API key (HTTP {status}, {}): set \
+                 sink.api_key_env / sink.api_key_file to its PYTHON_INDEXER_API_KEY",
+                redact_url(&self.base),
+                if self.api_key.is_some() {
+                    "a wrong key was sent"
+                } else {
+                    "no key was sent"
+                }
+            ))),
+            status => {
+                let body = response.text().await.unwrap_or_default();
+                Err(StageError::from_http_status(
+                    status,
+                    format!(
+                        "python-indexer /v1/documents:get: {}",
+                        crate::error::body_excerpt(&body)
+                    ),
+                ))
+            }
         }
     }
 }

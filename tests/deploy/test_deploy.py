@@ -198,7 +198,8 @@ def daemon_binary() -> Path:
 def check_config(path: Path, env: dict[str, str] | None = None) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CDC_INDEXER")}
     result = subprocess.run(
-        [str(daemon_binary()), "--config", str(path), "check-config"],
+        # --static: these configs name files of the image or the target host (/opt/...).
+        [str(daemon_binary()), "--config", str(path), "check-config", "--static"],
         capture_output=True, text=True, timeout=60, env={**clean, **(env or {})},
     )
     assert result.returncode == 0, f"check-config {path}:\n{result.stdout}{result.stderr}"
