@@ -80,6 +80,8 @@ struct Session {
     channel: Channel,
     consumer: Consumer,
     dead_letters: DeadLetterPublisher,
+    /// Fires the moment the broker closes the connection or a channel.
+    lost: CancellationToken,
 }
 
 /// A batch as collected: its deliveries and what admission decided for each.
@@ -240,7 +242,9 @@ impl Pipeline {
             .map_err(|e| amqp_error("basic.qos", e))?;
         let dead_letters =
             DeadLetterPublisher::open(&connection, &self.config.topology.dead_letter_exchange)
-                .await?;
+                .await?
+                .with_metrics(Arc::clone(&self.metrics));
+        let lost = broker::watch_connection(&connection, Arc::clone(&self.metrics));
         let consumer = channel
             .basic_consume(
                 self.config.topology.queue.as_str().into(),
@@ -256,6 +260,7 @@ impl Pipeline {
             channel,
             consumer,
             dead_letters,
+            lost,
         })
     }
 
@@ -268,6 +273,7 @@ impl Pipeline {
             channel,
             mut consumer,
             dead_letters,
+            lost,
         } = session;
         let out = process::Outbox {
             channel: &channel,
@@ -297,16 +303,26 @@ impl Pipeline {
                 ),
             );
             tokio::pin!(work);
+            // A connection the broker closed ends the step at once: its deliveries come back
+            // anyway, and waiting for the ack to fail would only waste the work.
+            let broken = || StageError::transient("the broker closed the connection or a channel");
             let stepped = match stop_by {
                 None => tokio::select! {
                     r = &mut work => Some(r),
+                    _ = lost.cancelled() => Some(Err(broken())),
                     _ = self.cancel.cancelled() => {
                         let by = self.stop_consuming(&channel, deadline).await;
                         stop_by = Some(by);
-                        tokio::time::timeout_at(by, &mut work).await.ok()
+                        tokio::select! {
+                            r = tokio::time::timeout_at(by, &mut work) => r.ok(),
+                            _ = lost.cancelled() => Some(Err(broken())),
+                        }
                     }
                 },
-                Some(by) => tokio::time::timeout_at(by, &mut work).await.ok(),
+                Some(by) => tokio::select! {
+                    r = tokio::time::timeout_at(by, &mut work) => r.ok(),
+                    _ = lost.cancelled() => Some(Err(broken())),
+                },
             };
             match stepped {
                 Some(Ok(Step::Idle(Intake::Drained))) => break Ok(()),
@@ -343,6 +359,7 @@ impl Pipeline {
             }
         };
         drop(ready);
+        lost.cancel();
         let _ = channel.close(200, "shutdown".into()).await;
         let _ = connection.close(200, "shutdown".into()).await;
         result
@@ -522,7 +539,7 @@ impl Pipeline {
             None => match tokio::time::timeout(first_wait, consumer.next()).await {
                 Err(_) if draining => return Ok((batch, Intake::Drained)),
                 Err(_) => return Ok((batch, Intake::Open)),
-                Ok(item) => next_delivery(item, draining)?,
+                Ok(item) => next_delivery(item, draining || self.cancel.is_cancelled())?,
             },
         };
         let Some(first) = first else {
@@ -589,7 +606,7 @@ impl Pipeline {
             }
             match tokio::time::timeout((until - now).min(idle), consumer.next()).await {
                 Err(_) => break, // ran dry: work on what is here now
-                Ok(item) => match next_delivery(item, draining)? {
+                Ok(item) => match next_delivery(item, draining || self.cancel.is_cancelled())? {
                     Some(d) => next = Some(d),
                     None => intake = Intake::Drained,
                 },
