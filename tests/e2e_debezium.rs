@@ -107,6 +107,8 @@ async fn postgres_changes_reach_search_through_real_debezium() {
                 &w.exchange,
                 "--slot-name",
                 &format!("e2e_{suffix}"),
+                "--publication-name",
+                &format!("pub_e2e_{suffix}"),
                 "--drop-slot-on-stop",
                 "--offsets-file",
                 path_str(&offsets),

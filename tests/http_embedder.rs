@@ -138,32 +138,47 @@ async fn daemon_with_the_http_provider_dead_letters_only_the_rejected_event() {
             (2, "a name far too long for this embedding service to take"),
             (3, "a tent"),
             (4, ""),
+            // Two events of one key in one batch; the later is refused: the earlier applies.
+            (5, "kept: the earlier event"),
+            (5, "a name far too long for this service, the later event"),
         ],
     )
     .await;
     let mut d = w.start();
     d.wait_ready(Duration::from_secs(60));
-    d.wait_processed(4.0, Duration::from_secs(60));
+    d.wait_processed(6.0, Duration::from_secs(60));
     let empty = d.metric_sum("cdc_indexer_empty_documents_total");
     assert!(d.sigterm().success());
     let dead = w.drain_dlq().await;
     assert_eq!(
         dead.len(),
-        1,
+        2,
         "{:?}",
         dead.iter().map(|d| &d.1).collect::<Vec<_>>()
     );
-    assert_eq!(dead[0].1["x-cdc-error-kind"], "embed");
-    assert!(
-        dead[0].2.windows(7).any(|w| w == b"\"id\":2,"),
-        "the refused event: {}",
-        String::from_utf8_lossy(&dead[0].2)
-    );
+    for (entry, id) in dead.iter().zip([2, 5]) {
+        assert_eq!(entry.1["x-cdc-error-kind"], "embed");
+        let needle = format!("\"id\":{id},");
+        assert!(
+            entry
+                .2
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes()),
+            "the refused event: {}",
+            String::from_utf8_lossy(&entry.2)
+        );
+    }
     // The empty text was not sent (providers refuse it): no points, a marker, counted.
     assert_eq!(empty, 1.0);
     let index = w.index().await;
-    assert_eq!(index.count(None).await, 2);
+    assert_eq!(index.count(None).await, 3);
     assert!(index.doc("public.products", r#"{"id":4}"#).await.is_empty());
+    let five = index.doc("public.products", r#"{"id":5}"#).await;
+    assert_eq!(five.len(), 1, "the key's earlier event applies");
+    assert_eq!(
+        five[0].payload["name"],
+        serde_json::json!("kept: the earlier event")
+    );
     w.cleanup().await;
 }
 
@@ -245,4 +260,61 @@ async fn rate_limits_are_waited_out_as_retry_after_says() {
         waited >= Duration::from_millis(950),
         "Retry-After honoured: {waited:?}"
     );
+}
+
+/// Columns named like LlamaIndex's own node fields (`doc_id`, `document_id`, `ref_doc_id`)
+/// or like the chunk text reach the python-indexer escaped, so it takes every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_with_reserved_names_reach_the_python_indexer() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let service = PythonIndexer::start(dir.path());
+    let w = World::new(
+        "reserved-names",
+        "[[tables]]\ntable = \"public.products\"\nid_columns = [\"id\"]\ntext = \"{name}\"\n",
+        "",
+    );
+    let text = std::fs::read_to_string(&w.config_path).expect("config");
+    let text = text.replace(
+        &format!(
+            "[sink]\npath = \"{}\"",
+            w.dir.path().join("index").display()
+        ),
+        "",
+    ) + &format!("[sink]\nkind = \"llamaindex\"\nurl = \"{}\"\n", service.url);
+    std::fs::write(&w.config_path, text).expect("config");
+    w.declare().await;
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    let body = serde_json::json!({"op": "c", "after": {"id": 1, "name": "a tent", "doc_id": 7, "document_id": "d", "ref_doc_id": "r", "text": "a column called text"},
+        "source": {"name": "dbserver1", "schema": "public", "table": "products", "lsn": 1}});
+    w.publish(
+        &ch,
+        "dbserver1.public.products",
+        body.to_string().as_bytes(),
+    )
+    .await;
+    let _ = conn.close(200, "ok".into()).await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    d.wait_processed(1.0, Duration::from_secs(60));
+    assert!(d.sigterm().success());
+    assert!(w.drain_dlq().await.is_empty(), "the service took the row");
+    let sink = cdc_indexer::sink::from_config(&w.config())
+        .await
+        .expect("sink");
+    let doc = sink
+        .fetch(&cdc_indexer::model::DocumentKey {
+            table: "public.products".into(),
+            key: r#"{"id":1}"#.into(),
+        })
+        .await
+        .expect("fetch");
+    assert_eq!(doc.len(), 1);
+    assert_eq!(doc[0].payload["_col_doc_id"], serde_json::json!(7));
+    assert_eq!(
+        doc[0].payload["_col_text"],
+        serde_json::json!("a column called text")
+    );
+    assert_eq!(doc[0].payload["text"], serde_json::json!("a tent"));
+    w.cleanup().await;
 }

@@ -69,6 +69,10 @@ impl Runner {
             w.exchange.clone(),
             "--slot-name".into(),
             format!("t_{suffix}"),
+            // Its own publication: in `filtered` mode a runner sets the publication's tables
+            // to its own, so runners sharing one would take each other's tables away.
+            "--publication-name".into(),
+            format!("pub_t_{suffix}"),
             "--drop-slot-on-stop".into(),
             "--offsets-file".into(),
             path_str(&offsets).into(),
