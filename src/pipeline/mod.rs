@@ -48,6 +48,7 @@ use crate::events::{
 use crate::mapping::CompiledRule;
 use crate::metrics::Metrics;
 use crate::sink::Sink;
+pub use admit::REPAIR_HEADER;
 use admit::{Admission, Fate};
 use crash_guard::{CrashGuard, MessageId, Verdict, message_id};
 
@@ -64,6 +65,8 @@ pub struct Pipeline {
     guard: Mutex<CrashGuard>,
     /// Tables a keyless delete was already warned about.
     keyless_warned: Mutex<HashSet<String>>,
+    /// Connectors a position regression was already warned about.
+    regression_warned: Mutex<HashSet<String>>,
 }
 
 /// One broker session: a connection, the consuming channel, the dead-letter channel.
@@ -138,6 +141,7 @@ impl Pipeline {
             cancel,
             guard: Mutex::new(guard),
             keyless_warned: Mutex::new(HashSet::new()),
+            regression_warned: Mutex::new(HashSet::new()),
         }
     }
 
@@ -469,6 +473,13 @@ impl Pipeline {
     }
 
     /// True the first time a keyless delete is seen for `table` (warn once per table).
+    fn first_regression(&self, connector: &str) -> bool {
+        self.regression_warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(connector.to_string())
+    }
+
     fn first_keyless_delete(&self, table: &str) -> bool {
         self.keyless_warned
             .lock()

@@ -22,7 +22,7 @@ use crate::broker::dead_letter::DeadLetter;
 use crate::error::{ErrorKind, StageError};
 use crate::events::{
     BatchWritten, DeadLettered, DocumentsEmpty, DocumentsTruncated, EventProcessed, EventsSkipped,
-    InternalEvent, TextsEmbedded, WriteRejected,
+    InternalEvent, PositionRegressed, TextsEmbedded, WriteRejected,
 };
 use crate::model::DocumentKey;
 use crate::sink::Write;
@@ -388,5 +388,13 @@ fn record(p: &Pipeline, outcome: &PlanOutcome, fates: &mut [super::Fate]) {
     }
     for table in &outcome.truncated {
         DocumentsTruncated { table }.emit(&p.metrics);
+    }
+    for r in &outcome.regressions {
+        PositionRegressed {
+            connector: &r.connector,
+            key: &r.key,
+            first: p.first_regression(&r.connector),
+        }
+        .emit(&p.metrics);
     }
 }
