@@ -1,5 +1,7 @@
-//! The side HTTP port: `/healthz`, `/readyz`, `/metrics`, and a read-only `/search` (the
-//! embedded index belongs to the daemon's process, so `cdc-indexer search` asks here).
+//! The side HTTP port: `/healthz`, `/readyz`, `/metrics`, a read-only `/search`, and the
+//! read-only `/index/states` and `/index/scan` that `cdc-indexer reconcile` reads the index
+//! through (the embedded index belongs to the daemon's process, so `search` and `reconcile`
+//! ask here; see `reconcile::remote`).
 
 use std::sync::Arc;
 
@@ -8,7 +10,7 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +38,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/search", get(search))
+        .route("/index/states", post(index_states))
+        .route("/index/scan", post(index_scan))
         .with_state(state)
 }
 
@@ -117,5 +121,81 @@ async fn search(State(s): State<AppState>, Query(q): Query<SearchQuery>) -> Resp
             Json(json!({"error": e.to_string()})),
         )
             .into_response(),
+    }
+}
+
+fn index_of(s: &AppState) -> Option<Arc<dyn Sink>> {
+    s.search.get().map(|(_, sink)| sink.clone())
+}
+
+fn starting_up() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": "starting up"})),
+    )
+        .into_response()
+}
+
+fn index_error(e: crate::error::StageError) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": e.to_string()})),
+    )
+        .into_response()
+}
+
+fn bad_request(what: &str) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": what}))).into_response()
+}
+
+/// Chunk 0 of each key (`reconcile` through the daemon).
+async fn index_states(State(s): State<AppState>, Json(body): Json<serde_json::Value>) -> Response {
+    let Some(keys) = crate::reconcile::remote::keys_of(&body) else {
+        return bad_request("expected {\"keys\": [{\"table\", \"key\"}]}");
+    };
+    if keys.is_empty() {
+        return Json(json!({"states": []})).into_response();
+    }
+    let Some(sink) = index_of(&s) else {
+        return starting_up();
+    };
+    match sink.read_states(&keys).await {
+        Ok(states) => {
+            let states: Vec<serde_json::Value> = states
+                .into_iter()
+                .map(|(k, st)| json!({"table": k.table, "key": k.key, "payload": st.payload}))
+                .collect();
+            Json(json!({ "states": states })).into_response()
+        }
+        Err(e) => index_error(e),
+    }
+}
+
+/// One page of a scan (`reconcile` through the daemon).
+async fn index_scan(State(s): State<AppState>, Json(body): Json<serde_json::Value>) -> Response {
+    let Some(sink) = index_of(&s) else {
+        return starting_up();
+    };
+    let after = body.get("after").and_then(serde_json::Value::as_str);
+    let limit = body
+        .get("limit")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(256)
+        .clamp(1, 10_000) as usize;
+    let keys = crate::reconcile::remote::keys_of(&body);
+    let scope = match (body.get("table").and_then(serde_json::Value::as_str), &keys) {
+        (Some(t), None) => crate::sink::ScanScope::Table(t),
+        (None, Some(k)) => crate::sink::ScanScope::Keys(k),
+        _ => {
+            return bad_request("expected {\"table\"} or {\"keys\"}, with \"after\" and \"limit\"");
+        }
+    };
+    match sink.scan(scope, after, limit).await {
+        Ok(page) => Json(json!({
+            "points": page.points.iter().map(crate::reconcile::remote::point_json).collect::<Vec<_>>(),
+            "next": page.next,
+        }))
+        .into_response(),
+        Err(e) => index_error(e),
     }
 }

@@ -21,6 +21,7 @@ pub mod model;
 pub mod notify;
 pub mod pipeline;
 pub mod progress;
+pub mod reconcile;
 pub mod search;
 pub mod sink;
 pub mod stored;

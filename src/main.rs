@@ -1,7 +1,9 @@
 //! cdc-indexer: keeps a vector index in step with a database, from Debezium change events
 //! on RabbitMQ. See ARCHITECTURE.md for the map of the code.
 
-use cdc_indexer::{broker, dlq, embed, http, mapping, metrics, notify, pipeline, search, sink};
+use cdc_indexer::{
+    broker, dlq, embed, http, mapping, metrics, notify, pipeline, reconcile, search, sink,
+};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -49,6 +51,8 @@ enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// Compare the index with the source tables (ok/missing/stale/orphan); `--repair` heals.
+    Reconcile(reconcile::cli::Args),
     /// Print the documents nearest to a text.
     Search {
         /// The query text.
@@ -161,6 +165,7 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Dlq { command } => dlq::run(&config, command).await,
+            Command::Reconcile(args) => reconcile::cli::command(&config, args).await,
             Command::Search {
                 text,
                 table,
@@ -268,10 +273,19 @@ async fn run(config: Config) -> Result<ExitCode, StageError> {
         std::time::Duration::from_secs(5),
         cancel.clone(),
     ));
+    let reconciler = reconcile::spawn_periodic(
+        config.clone(),
+        sink.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    );
     let result = pipeline.run().await;
     notify::notify("STOPPING=1");
     cancel.cancel();
     let _ = poller.await;
+    if let Some(task) = reconciler {
+        let _ = task.await;
+    }
     http_cancel.cancel();
     let _ = http_task.await;
     match result {
