@@ -27,16 +27,43 @@ pub enum Verdict {
     /// A row without a document (or with a delete marker).
     Missing,
     /// A document that differs from its row; `rewrite` when its chunks themselves are damaged
-    /// (missing, of another version, or stray points beyond the count).
-    Stale { reason: String, rewrite: bool },
+    /// (missing, of another version, or stray points beyond the count); `reset` when its
+    /// position is ahead of the source database's WAL (it comes from another database: a
+    /// restore, a failover), which the stale guard would let win over every new change.
+    Stale {
+        reason: String,
+        rewrite: bool,
+        reset: bool,
+    },
 }
 
-/// Is the stored `position` at or after the snapshot's WAL position (same connector, LSNs)?
-pub fn is_ahead(position: Option<&SourcePosition>, snapshot_lsn: Option<u64>) -> bool {
-    matches!(
-        (position, snapshot_lsn),
-        (Some(SourcePosition { at: PositionAt::Lsn(p), .. }), Some(lsn)) if *p >= lsn
-    )
+/// Where the source database's WAL stood for a judgement: at the snapshot, and after the
+/// index was read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wal {
+    pub snapshot: Option<u64>,
+    pub now: Option<u64>,
+}
+
+fn lsn_of(position: Option<&SourcePosition>) -> Option<u64> {
+    match position {
+        Some(SourcePosition {
+            at: PositionAt::Lsn(p),
+            ..
+        }) => Some(*p),
+        _ => None,
+    }
+}
+
+/// Is the stored `position` at or after the snapshot's WAL position, and not beyond where the
+/// WAL is now (a change committed since the snapshot)?
+pub fn is_ahead(position: Option<&SourcePosition>, wal: Wal) -> bool {
+    matches!((lsn_of(position), wal.snapshot), (Some(p), Some(s)) if p >= s && !is_future(position, wal))
+}
+
+/// Is the stored `position` beyond anything this database has written?
+pub fn is_future(position: Option<&SourcePosition>, wal: Wal) -> bool {
+    matches!((lsn_of(position), wal.now), (Some(p), Some(now)) if p > now)
 }
 
 /// Judges the source row `values` (the columns the rule keeps) of `key` against the index:
@@ -47,12 +74,23 @@ pub fn judge(
     values: &Row,
     state: Option<&StoredState>,
     points: &[ScannedPoint],
-    snapshot_lsn: Option<u64>,
+    wal: Wal,
 ) -> Verdict {
-    if let Some(s) = state
-        && is_ahead(s.position.as_ref(), snapshot_lsn)
-    {
-        return Verdict::Ahead;
+    if let Some(s) = state {
+        if is_future(s.position.as_ref(), wal) {
+            return Verdict::Stale {
+                reason: format!(
+                    "stored position {} is ahead of the source database's WAL ({}): it comes from another database (a restore, a failover?) and would win over every new change",
+                    lsn_of(s.position.as_ref()).unwrap_or_default(),
+                    wal.now.unwrap_or_default()
+                ),
+                rewrite: false,
+                reset: true,
+            };
+        }
+        if is_ahead(s.position.as_ref(), wal) {
+            return Verdict::Ahead;
+        }
     }
     let Some(state) = state.filter(|s| s.kind != StoredKind::Deleted) else {
         return Verdict::Missing;
@@ -78,18 +116,21 @@ pub fn judge(
         return Verdict::Stale {
             reason: format!("the row cannot be mapped: {}", p.reason),
             rewrite: false,
+            reset: false,
         };
     }
     if !outcome.plan.is_empty() {
         return Verdict::Stale {
             reason: difference(rule, values, state),
             rewrite: false,
+            reset: false,
         };
     }
     match damaged_chunks(state, points) {
         Some(reason) => Verdict::Stale {
             reason,
             rewrite: true,
+            reset: false,
         },
         None => Verdict::Ok,
     }
@@ -246,7 +287,11 @@ mod tests {
     }
 
     fn verdict(values: &Row, state: Option<&StoredState>, points: &[ScannedPoint]) -> Verdict {
-        judge(&rule(), &key(), values, state, points, Some(1_000))
+        let wal = Wal {
+            snapshot: Some(1_000),
+            now: Some(10_000),
+        };
+        judge(&rule(), &key(), values, state, points, wal)
     }
 
     #[test]
@@ -270,7 +315,7 @@ mod tests {
         changed.insert("body".into(), json!("now a heavy tent"));
         assert!(matches!(
             verdict(&changed, Some(&state), &points),
-            Verdict::Stale { rewrite: false, ref reason } if reason.contains("hash")
+            Verdict::Stale { rewrite: false, ref reason, .. } if reason.contains("hash")
         ));
         let mut field = values();
         field.insert("note".into(), json!("a note"));
@@ -278,7 +323,8 @@ mod tests {
             verdict(&field, Some(&state), &points),
             Verdict::Stale {
                 reason: "payload fields differ: note".into(),
-                rewrite: false
+                rewrite: false,
+                reset: false,
             }
         );
         let mut gone = values();
@@ -306,7 +352,9 @@ mod tests {
             (other, "chunk 1 is of another version"),
         ] {
             match verdict(&values(), Some(&state), &points) {
-                Verdict::Stale { reason, rewrite } => {
+                Verdict::Stale {
+                    reason, rewrite, ..
+                } => {
                     assert!(rewrite);
                     assert!(reason.contains(what), "{reason}");
                 }
@@ -321,5 +369,18 @@ mod tests {
         let mut changed = values();
         changed.insert("name".into(), json!("the snapshot's older value"));
         assert_eq!(verdict(&changed, Some(&state), &points), Verdict::Ahead);
+    }
+
+    #[test]
+    fn a_position_beyond_the_databases_wal_is_stale_and_asks_for_a_reset() {
+        let (state, points) = stored(&values(), 1 << 40);
+        assert!(matches!(
+            verdict(&values(), Some(&state), &points),
+            Verdict::Stale {
+                reset: true,
+                rewrite: false,
+                ..
+            }
+        ));
     }
 }

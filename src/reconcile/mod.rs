@@ -443,6 +443,11 @@ impl Table<'_> {
             let keys: Vec<DocumentKey> = keyed.iter().map(|(k, _)| k.clone()).collect();
             let states = self.index.read_states(&keys).await?;
             let points = self.points_of(&keys).await?;
+            // After the index was read: a stored position beyond this is not of this database.
+            let wal = compare::Wal {
+                snapshot: snapshot_lsn,
+                now: source::current_lsn(&mut src.fresh).await?,
+            };
             let mut drifted: Vec<(Vec<String>, Repair)> = Vec::new();
             for (key, row) in &keyed {
                 let verdict = compare::judge(
@@ -451,7 +456,7 @@ impl Table<'_> {
                     &row.values,
                     states.get(key),
                     points.get(key).map(Vec::as_slice).unwrap_or_default(),
-                    snapshot_lsn,
+                    wal,
                 );
                 let mut repair = Repair::default();
                 match &verdict {
@@ -465,14 +470,19 @@ impl Table<'_> {
                         // Missing may leave stray points behind: start the document afresh.
                         repair.rewrite = true;
                     }
-                    Verdict::Stale { reason, rewrite } => {
+                    Verdict::Stale {
+                        reason,
+                        rewrite,
+                        reset,
+                    } => {
                         report.add_stale(key, reason);
                         repair.rewrite = *rewrite;
+                        repair.reset_position = *reset;
                     }
                 }
                 let drift = !matches!(verdict, Verdict::Ok | Verdict::Ahead);
                 if drift || (self.options.reset_positions && verdict != Verdict::Ahead) {
-                    repair.reset_position = self.options.reset_positions;
+                    repair.reset_position |= self.options.reset_positions;
                     drifted.push((row.key_text.clone(), repair));
                 }
             }
