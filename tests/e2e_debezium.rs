@@ -144,6 +144,8 @@ async fn postgres_changes_reach_search_through_real_debezium() {
         "e2e latencies: snapshot {snapshot:?}, insert {insert:?}, update {update:?}, delete {delete:?}"
     );
 
+    // The oracle: the index equals the table (through the running daemon's side port).
+    common::reconcile::assert_reconciled(&w);
     drop(_runner);
     assert!(d.sigterm().success());
     let index = w.index().await;
@@ -154,6 +156,9 @@ async fn postgres_changes_reach_search_through_real_debezium() {
         serde_json::json!("Cast iron skillet")
     );
     assert!(w.drain_dlq().await.is_empty());
+    drop(index);
+    // And on the index itself, once the daemon has stopped.
+    common::reconcile::assert_reconciled(&w);
     psql(&format!("DROP TABLE public.{table}"));
     w.cleanup().await;
 }
