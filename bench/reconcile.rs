@@ -19,7 +19,7 @@ use cdc_indexer::config::Config;
 use cdc_indexer::mapping::CompiledRule;
 use cdc_indexer::model::{PositionAt, SourcePosition};
 use cdc_indexer::reconcile::source::{self, SourceTable};
-use cdc_indexer::sink::{Point, Sink, Write};
+use cdc_indexer::sink::{Point, Write};
 use cdc_indexer::stored::{CommitMeta, chunk_payload, commit_payload};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");

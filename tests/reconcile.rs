@@ -514,3 +514,42 @@ async fn after_positions_went_backwards_reset_positions_lets_the_stream_apply_ag
     psql(&format!("DROP TABLE public.{t}"));
     w.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_and_repair_work_with_the_llamaindex_sink() {
+    pg_start();
+    let t = format!("rec_{}", rand_suffix());
+    let table = format!("public.{t}");
+    psql(&format!(
+        "CREATE TABLE public.{t} (id int PRIMARY KEY, name text, body text, price numeric(8,2)); \
+         INSERT INTO public.{t} SELECT i, 'name ' || i, 'body ' || i, i * 2.5 FROM generate_series(1, 6) i"
+    ));
+    let w = World::new("llama", &rule(&t), "[pipeline]\nbatch_max_wait_ms = 100\n");
+    let service = PythonIndexer::start(w.dir.path());
+    let env = [
+        ("CDC_INDEXER__SINK__KIND", "llamaindex"),
+        ("CDC_INDEXER__SINK__URL", service.url.as_str()),
+    ];
+    w.declare().await;
+    let mut d = w.start_with(&env);
+    d.wait_ready(Duration::from_secs(60));
+    let r = reconcile_with(&w, &[], &env);
+    assert_eq!(r.count(&table, "missing"), 6, "{}\n{}", r.json, r.stderr);
+    assert_eq!(reconcile_with(&w, &["--repair"], &env).code, 1);
+    wait_drained(&w, &mut d).await;
+    assert_eq!(
+        reconcile_with(&w, &[], &env).code,
+        0,
+        "the service's documents read back equal"
+    );
+    psql(&format!("DELETE FROM public.{t} WHERE id = 6"));
+    let r = reconcile_with(&w, &[], &env);
+    assert_eq!(r.keys(&table, "orphan"), keys(&[6]), "{}", r.json);
+    assert_eq!(reconcile_with(&w, &["--repair"], &env).code, 1);
+    wait_drained(&w, &mut d).await;
+    let r = reconcile_with(&w, &[], &env);
+    assert_eq!(r.code, 0, "{}\n{}", r.json, r.stderr);
+    assert!(d.sigterm().success());
+    psql(&format!("DROP TABLE public.{t}"));
+    w.cleanup().await;
+}

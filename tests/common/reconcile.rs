@@ -46,12 +46,18 @@ impl Reconciled {
 
 /// Runs `cdc-indexer reconcile --source SOURCE --json --examples 100 <args>` with `w`'s config.
 pub fn reconcile(w: &World, args: &[&str]) -> Reconciled {
+    reconcile_with(w, args, &[])
+}
+
+/// [`reconcile`] with extra environment (e.g. `CDC_INDEXER__SINK__KIND`).
+pub fn reconcile_with(w: &World, args: &[&str], env: &[(&str, &str)]) -> Reconciled {
     let out = Command::new(env!("CARGO_BIN_EXE_cdc-indexer"))
         .args(["--config", path_str(&w.config_path), "reconcile"])
         .args(["--source", SOURCE, "--json", "--examples", "100"])
         .args(args)
         .env("CDC_INDEXER_SOURCE_PASSWORD", PASSWORD)
         .env("CDC_INDEXER_LOG", "warn")
+        .envs(env.iter().copied())
         .output()
         .expect("run reconcile");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
