@@ -683,6 +683,41 @@ text = "{name}\n\n{description}"
     }
 
     #[test]
+    fn reconcile_section_is_checked_naming_its_keys() {
+        let with = |extra: &str| {
+            Config::from_toml(
+                "c.toml",
+                &format!("{MINIMAL}\n[reconcile]\n{extra}\n"),
+                std::iter::empty(),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let c = with("").unwrap();
+        assert_eq!((c.reconcile.interval_s, c.reconcile.page_size), (0, 500));
+        let e = with("interval_s = 60").unwrap_err();
+        assert!(
+            e.starts_with("c.toml: reconcile.source_url: required"),
+            "{e}"
+        );
+        let e = with("source_url = \"mysql://u:secret@h/db\"").unwrap_err();
+        assert!(
+            e.contains("reconcile.source_url: expected a postgres:// URL"),
+            "{e}"
+        );
+        assert!(!e.contains("secret"), "redacted: {e}");
+        let e = with("tables = [\"public.orders\"]").unwrap_err();
+        assert!(
+            e.contains("reconcile.tables[0]: `public.orders` has no [[tables]] rule"),
+            "{e}"
+        );
+        assert!(
+            with("sourse_url = \"x\"")
+                .unwrap_err()
+                .contains("sourse_url")
+        );
+    }
+
+    #[test]
     fn urls_are_redacted() {
         assert_eq!(
             redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
