@@ -553,3 +553,43 @@ async fn reconcile_and_repair_work_with_the_llamaindex_sink() {
     psql(&format!("DROP TABLE public.{t}"));
     w.cleanup().await;
 }
+
+#[test]
+fn reconcile_exit_codes_and_the_source_password_never_printed() {
+    let w = World::new("exit", &rule("whatever"), "");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_cdc-indexer"))
+            .args(["--config", path_str(&w.config_path), "reconcile"])
+            .args(args)
+            .env("CDC_INDEXER_SOURCE_PASSWORD", "from-the-env-s3cret")
+            .output()
+            .expect("reconcile");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !text.contains("hunter2") && !text.contains("s3cret"),
+            "{text}"
+        );
+        (out.status.code(), text)
+    };
+    // Configuration errors: 2.
+    assert_eq!(run(&[]).0, Some(2), "no source");
+    assert_eq!(run(&["--source", "mysql://u:hunter2@h/db"]).0, Some(2));
+    assert_eq!(
+        run(&["--source", "postgres://u:hunter2@h:notaport/db"]).0,
+        Some(2)
+    );
+    let (code, text) = run(&["--source", SOURCE, "--table", "public.nope"]);
+    assert_eq!(code, Some(2), "{text}");
+    // Cannot find out: 3, with the URL redacted.
+    let port = free_port();
+    let (code, text) = run(&[
+        "--source",
+        &format!("postgres://u:hunter2@127.0.0.1:{port}/db"),
+    ]);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(text.contains("u:***@127.0.0.1"), "{text}");
+}

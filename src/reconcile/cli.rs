@@ -56,6 +56,9 @@ pub async fn command(config: &Config, args: Args) -> Result<ExitCode, StageError
         Ok(o) => o,
         Err(e) => return Ok(config_error(&e)),
     };
+    if let Err(e) = super::source::check_url(&options.source_url) {
+        return Ok(config_error(&e));
+    }
     if !args.tables.is_empty() {
         for t in &args.tables {
             if config.rule(t).is_none() {

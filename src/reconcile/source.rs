@@ -111,6 +111,17 @@ fn is_data_exception(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("22")))
 }
 
+/// Checks that `url` parses as a PostgreSQL URL (for a configuration error at once, with
+/// the URL redacted and without the parser's words).
+pub fn check_url(url: &str) -> Result<(), String> {
+    PgConnectOptions::from_str(url).map(|_| ()).map_err(|_| {
+        format!(
+            "the source URL `{}` is not a PostgreSQL URL (postgres://user@host:5432/database)",
+            redact_url(url)
+        )
+    })
+}
+
 /// Connects to `url` with `password` (from `[reconcile]`'s env/file; a password in the URL
 /// works too). The URL is never printed unredacted, and a URL that does not parse is reported
 /// without the parser's words (they could quote it).
