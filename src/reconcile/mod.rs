@@ -260,12 +260,15 @@ impl Table<'_> {
                 )
                 .await?;
             report.points += page.points.len();
-            orphans.extend(
-                self.orphans(src, &table, &page.points, &mut seen, &mut report)
-                    .await?,
-            );
-            if self.publisher.is_some() && orphans.len() >= self.options.page_size {
-                self.publish_orphans(src, &mut orphans, &mut report).await?;
+            let found = self
+                .orphans(src, &table, &page.points, &mut seen, &mut report)
+                .await?;
+            // Kept only to be repaired, a page's worth at a time: memory stays bounded.
+            if self.publisher.is_some() {
+                orphans.extend(found);
+                if orphans.len() >= self.options.page_size {
+                    self.publish_orphans(src, &mut orphans, &mut report).await?;
+                }
             }
             after = page.next;
             if after.is_none() {
