@@ -30,12 +30,63 @@ pub struct Config {
     /// The vector index.
     #[serde(default)]
     pub sink: SinkConfig,
-    /// The side HTTP port (`/healthz`, `/readyz`, `/metrics`, `/search`).
+    /// The side HTTP port (`/healthz`, `/readyz`, `/metrics`, `/search`, `/index/*`).
     #[serde(default)]
     pub http: HttpConfig,
+    /// `reconcile`: the source database it compares the index with, and the daemon's own
+    /// periodic runs.
+    #[serde(default)]
+    pub reconcile: ReconcileConfig,
     /// One rule per captured table: how a row becomes a document.
     #[serde(default)]
     pub tables: Vec<TableRule>,
+}
+
+/// `[reconcile]`: proving that the index equals the source tables (`cdc-indexer reconcile`,
+/// and the daemon's periodic check).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// PostgreSQL URL of the source database, e.g. `postgres://reconcile@db:5432/app`
+    /// (`--source` wins). No password here: see `password_env` / `password_file`. Default: none.
+    pub source_url: Option<String>,
+    /// Environment variable holding the source database's password. Default
+    /// `CDC_INDEXER_SOURCE_PASSWORD`.
+    pub password_env: String,
+    /// File holding the source database's password (first line; wins over `password_env`).
+    /// Default: none.
+    pub password_file: Option<PathBuf>,
+    /// Seconds between the daemon's own reconcile runs; 0 turns them off. Default 0 (off).
+    pub interval_s: u64,
+    /// The daemon's runs also repair what they find (as `reconcile --repair`). Default false.
+    pub repair: bool,
+    /// Tables to reconcile (`schema.table`, each with a `[[tables]]` rule). Empty (default):
+    /// every rule's table.
+    pub tables: Vec<String>,
+    /// Source rows (and index points) read per page: the memory bound. Default 500.
+    pub page_size: usize,
+    /// The Debezium connector name (`source.name`) repair events carry, so that their
+    /// positions compare with the stream's. Default: the one the index's stored positions
+    /// name, else the first segment of `topology.routing_patterns[0]`.
+    pub connector: Option<String>,
+    /// Examples of each state kept per table in the report. Default 5.
+    pub examples: usize,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            source_url: None,
+            password_env: "CDC_INDEXER_SOURCE_PASSWORD".into(),
+            password_file: None,
+            interval_s: 0,
+            repair: false,
+            tables: Vec::new(),
+            page_size: 500,
+            connector: None,
+            examples: 5,
+        }
+    }
 }
 
 /// `[broker]`
@@ -530,6 +581,33 @@ impl Config {
                 }
             ));
         }
+        let r = &self.reconcile;
+        if r.page_size == 0 {
+            return Err("reconcile.page_size: must be at least 1".into());
+        }
+        if r.interval_s > 0 && r.source_url.as_deref().is_none_or(str::is_empty) {
+            return Err("reconcile.source_url: required when reconcile.interval_s is set (the database to compare the index with, e.g. postgres://reconcile@db:5432/app)".into());
+        }
+        if let Some(url) = r.source_url.as_deref()
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(format!(
+                "reconcile.source_url: expected a postgres:// URL, got `{}`",
+                redact_url(url)
+            ));
+        }
+        for (i, table) in r.tables.iter().enumerate() {
+            if !self.tables.iter().any(|t| &t.table == table) {
+                return Err(format!(
+                    "reconcile.tables[{i}]: `{table}` has no [[tables]] rule; rules are {}",
+                    self.tables
+                        .iter()
+                        .map(|t| t.table.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
         let mut seen = BTreeMap::new();
         for (i, rule) in self.tables.iter().enumerate() {
             let at = format!("tables[{i}]");
@@ -906,6 +984,41 @@ text = "{name}\n\n{description}"
             .unwrap_err()
             .to_string();
         assert!(e.contains("prefetch"), "{e}");
+    }
+
+    #[test]
+    fn reconcile_section_is_checked_naming_its_keys() {
+        let with = |extra: &str| {
+            Config::from_toml(
+                "c.toml",
+                &format!("{MINIMAL}\n[reconcile]\n{extra}\n"),
+                std::iter::empty(),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let c = with("").unwrap();
+        assert_eq!((c.reconcile.interval_s, c.reconcile.page_size), (0, 500));
+        let e = with("interval_s = 60").unwrap_err();
+        assert!(
+            e.starts_with("c.toml: reconcile.source_url: required"),
+            "{e}"
+        );
+        let e = with("source_url = \"mysql://u:secret@h/db\"").unwrap_err();
+        assert!(
+            e.contains("reconcile.source_url: expected a postgres:// URL"),
+            "{e}"
+        );
+        assert!(!e.contains("secret"), "redacted: {e}");
+        let e = with("tables = [\"public.orders\"]").unwrap_err();
+        assert!(
+            e.contains("reconcile.tables[0]: `public.orders` has no [[tables]] rule"),
+            "{e}"
+        );
+        assert!(
+            with("sourse_url = \"x\"")
+                .unwrap_err()
+                .contains("sourse_url")
+        );
     }
 
     #[test]

@@ -290,3 +290,85 @@ impl InternalEvent for WriteRejected<'_> {
         tracing::warn!(error = %self.error, "the index refused a batch; writing it by halves to find the documents it refuses");
     }
 }
+
+/// A stale event that is newer by its `source.ts_ms` than what the index holds: the
+/// connector's positions went backwards (a restored database, a MySQL failover). The stale
+/// guard keeps skipping such events; `reconcile --repair --reset-positions` recovers.
+pub struct PositionRegressed<'a> {
+    pub connector: &'a str,
+    pub key: &'a crate::model::DocumentKey,
+    /// The first one for this connector since start: warn with the fix.
+    pub first: bool,
+}
+
+impl InternalEvent for PositionRegressed<'_> {
+    fn emit(self, m: &Metrics) {
+        m.position_regressions
+            .with_label_values(&[self.connector])
+            .inc();
+        if self.first {
+            tracing::warn!(
+                connector = self.connector,
+                key = %self.key,
+                "an event with an older source position but a later source.ts_ms than the index holds was skipped as stale: the connector's positions went backwards (a restored database, a MySQL failover?); \
+                 such events keep being skipped until `cdc-indexer reconcile --repair --reset-positions` re-stamps the documents (counted in cdc_indexer_position_regressions_total; warned once per connector)"
+            );
+        } else {
+            tracing::debug!(connector = self.connector, key = %self.key, "position regression");
+        }
+    }
+}
+
+/// A reconcile run finished: the documents it found per table and state.
+pub struct ReconcileFinished<'a> {
+    pub report: &'a crate::reconcile::Report,
+}
+
+impl InternalEvent for ReconcileFinished<'_> {
+    fn emit(self, m: &Metrics) {
+        let r = self.report;
+        for t in &r.tables {
+            for (state, n) in t.counts.by_state() {
+                m.reconcile_documents
+                    .with_label_values(&[t.table.as_str(), state])
+                    .set(n as i64);
+            }
+            for (action, n) in t.repairs.by_action() {
+                if n > 0 {
+                    m.reconcile_repairs
+                        .with_label_values(&[t.table.as_str(), action])
+                        .inc_by(n as u64);
+                }
+            }
+        }
+        m.reconcile_last_run.set(chrono::Utc::now().timestamp());
+        m.reconcile_duration.set(r.duration.as_secs_f64());
+        m.reconcile_rows_per_second.set(r.rows_per_second());
+        let drift = r.drift();
+        m.reconcile_runs
+            .with_label_values(&[if drift == 0 { "ok" } else { "drift" }])
+            .inc();
+        if drift == 0 {
+            tracing::info!(
+                tables = r.tables.len(),
+                rows = r.rows(),
+                took_ms = r.duration.as_millis() as u64,
+                "reconcile: the index equals the source"
+            );
+        } else {
+            tracing::warn!(tables = r.tables.len(), rows = r.rows(), drifted = drift, summary = %r.summary_line(), "reconcile: the index differs from the source");
+        }
+    }
+}
+
+/// A reconcile run failed.
+pub struct ReconcileFailed<'a> {
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl InternalEvent for ReconcileFailed<'_> {
+    fn emit(self, m: &Metrics) {
+        m.reconcile_runs.with_label_values(&["failed"]).inc();
+        tracing::warn!(error = %self.error, "reconcile run failed");
+    }
+}

@@ -1,8 +1,10 @@
 //! The side HTTP port: `/healthz`, `/readyz`, `/metrics` (probes and Prometheus, often on
 //! the pod IP); and, only when `http.search_listen` is set, a search port of its own with a
-//! read-only `/search` (the embedded index belongs to the daemon's process, so
-//! `cdc-indexer search` asks there). Search answers with row payloads and competes with the
-//! pipeline for the embedder, so it is off by default and can require a bearer token.
+//! read-only `/search`, and the read-only `/index/states` and `/index/scan` that
+//! `cdc-indexer reconcile` reads the index through (the embedded index belongs to the
+//! daemon's process, so `search` and `reconcile` ask there; see `reconcile::remote`). These
+//! answer with row payloads (and search competes with the pipeline for the embedder), so the
+//! port is off by default and can require a bearer token.
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -48,10 +50,12 @@ pub struct SearchState {
     pub token: Option<Arc<str>>,
 }
 
-/// The search port: `/search` only.
+/// The search port: `/search`, and the index reads of `reconcile`.
 pub fn search_router(state: SearchState) -> Router {
     Router::new()
         .route("/search", get(search))
+        .route("/index/states", post(index_states))
+        .route("/index/scan", post(index_scan))
         .with_state(state)
 }
 
@@ -124,18 +128,22 @@ struct SearchQuery {
     limit: Option<usize>,
 }
 
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+        Json(json!({"error": "missing or wrong bearer token (http.search_token_env / search_token_file)"})),
+    )
+        .into_response()
+}
+
 async fn search(
     State(s): State<SearchState>,
     headers: axum::http::HeaderMap,
     Query(q): Query<SearchQuery>,
 ) -> Response {
     if !authorized(&headers, s.token.as_deref()) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
-            Json(json!({"error": "missing or wrong bearer token (http.search_token_env / search_token_file)"})),
-        )
-            .into_response();
+        return unauthorized();
     }
     let Some((embedder, sink)) = s.search.get() else {
         return (
@@ -159,5 +167,95 @@ async fn search(
             Json(json!({"error": e.to_string()})),
         )
             .into_response(),
+    }
+}
+
+fn index_of(s: &SearchState) -> Option<Arc<dyn Sink>> {
+    s.search.get().map(|(_, sink)| sink.clone())
+}
+
+fn starting_up() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": "starting up"})),
+    )
+        .into_response()
+}
+
+fn index_error(e: crate::error::StageError) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": e.to_string()})),
+    )
+        .into_response()
+}
+
+fn bad_request(what: &str) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": what}))).into_response()
+}
+
+/// Chunk 0 of each key (`reconcile` through the daemon).
+async fn index_states(
+    State(s): State<SearchState>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    if !authorized(&headers, s.token.as_deref()) {
+        return unauthorized();
+    }
+    let Some(keys) = crate::reconcile::remote::keys_of(&body) else {
+        return bad_request("expected {\"keys\": [{\"table\", \"key\"}]}");
+    };
+    if keys.is_empty() {
+        return Json(json!({"states": []})).into_response();
+    }
+    let Some(sink) = index_of(&s) else {
+        return starting_up();
+    };
+    match sink.read_states(&keys).await {
+        Ok(states) => {
+            let states: Vec<serde_json::Value> = states
+                .into_iter()
+                .map(|(k, st)| json!({"table": k.table, "key": k.key, "payload": st.payload}))
+                .collect();
+            Json(json!({ "states": states })).into_response()
+        }
+        Err(e) => index_error(e),
+    }
+}
+
+/// One page of a scan (`reconcile` through the daemon).
+async fn index_scan(
+    State(s): State<SearchState>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    if !authorized(&headers, s.token.as_deref()) {
+        return unauthorized();
+    }
+    let Some(sink) = index_of(&s) else {
+        return starting_up();
+    };
+    let after = body.get("after").and_then(serde_json::Value::as_str);
+    let limit = body
+        .get("limit")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(256)
+        .clamp(1, 10_000) as usize;
+    let keys = crate::reconcile::remote::keys_of(&body);
+    let scope = match (body.get("table").and_then(serde_json::Value::as_str), &keys) {
+        (Some(t), None) => crate::sink::ScanScope::Table(t),
+        (None, Some(k)) => crate::sink::ScanScope::Keys(k),
+        _ => {
+            return bad_request("expected {\"table\"} or {\"keys\"}, with \"after\" and \"limit\"");
+        }
+    };
+    match sink.scan(scope, after, limit).await {
+        Ok(page) => Json(json!({
+            "points": page.points.iter().map(crate::reconcile::remote::point_json).collect::<Vec<_>>(),
+            "next": page.next,
+        }))
+        .into_response(),
+        Err(e) => index_error(e),
     }
 }

@@ -22,6 +22,7 @@ pub mod notify;
 pub mod pipeline;
 pub mod preflight;
 pub mod progress;
+pub mod reconcile;
 pub mod search;
 pub mod sink;
 pub mod stored;

@@ -2,7 +2,8 @@
 //! on RabbitMQ. See ARCHITECTURE.md for the map of the code.
 
 use cdc_indexer::{
-    broker, dlq, embed, http, mapping, metrics, notify, pipeline, preflight, search, sink,
+    broker, dlq, embed, http, mapping, metrics, notify, pipeline, preflight, reconcile, search,
+    sink,
 };
 
 use std::collections::HashMap;
@@ -52,6 +53,8 @@ enum Command {
         #[command(subcommand)]
         command: TopologyCommand,
     },
+    /// Compare the index with the source tables (ok/missing/stale/orphan); `--repair` heals.
+    Reconcile(reconcile::cli::Args),
     /// Inspect and replay the dead-letter queue.
     Dlq {
         #[command(subcommand)]
@@ -186,6 +189,7 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Dlq { command } => dlq::run(&config, command).await,
+            Command::Reconcile(args) => reconcile::cli::command(&config, args).await,
             Command::Search {
                 text,
                 table,
@@ -334,10 +338,19 @@ async fn run(config: Config) -> Result<ExitCode, StageError> {
                 std::time::Duration::from_secs(5),
                 cancel.clone(),
             ));
+            let reconciler = reconcile::spawn_periodic(
+                config.clone(),
+                sink.clone(),
+                metrics.clone(),
+                cancel.clone(),
+            );
             let result = pipeline.run().await;
             notify::notify("STOPPING=1");
             cancel.cancel();
             let _ = poller.await;
+            if let Some(task) = reconciler {
+                let _ = task.await;
+            }
             result
         }
     };

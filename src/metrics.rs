@@ -59,6 +59,20 @@ pub struct Metrics {
     pub write_rejections: IntCounter,
     /// Embedding requests allowed in flight (adaptive for a remote service).
     pub embed_concurrency: IntGauge,
+    /// Stale events newer by `source.ts_ms` than what the index holds: a position reset.
+    pub position_regressions: IntCounterVec,
+    /// Documents by table and state (`ok`, `missing`, `stale`, `orphan`) of the last reconcile.
+    pub reconcile_documents: IntGaugeVec,
+    /// Unix time the last reconcile run finished.
+    pub reconcile_last_run: IntGauge,
+    /// How long the last reconcile run took.
+    pub reconcile_duration: prometheus::Gauge,
+    /// Source rows per second the last reconcile run read.
+    pub reconcile_rows_per_second: prometheus::Gauge,
+    /// Reconcile runs by result (`ok`, `drift`, `failed`).
+    pub reconcile_runs: IntCounterVec,
+    /// Repair events reconcile published, by table and action (`upsert`, `rewrite`, `delete`).
+    pub reconcile_repairs: IntCounterVec,
     pub health: Arc<Health>,
 }
 
@@ -191,7 +205,50 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        let float_gauge =
+            |name: &str, help: &str| -> Result<prometheus::Gauge, prometheus::Error> {
+                let g = prometheus::Gauge::new(name, help)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
+        let reconcile_documents = IntGaugeVec::new(
+            Opts::new(
+                "reconcile_documents",
+                "Documents found by the last reconcile run, by table and state (ok, missing, stale, orphan).",
+            ),
+            &["table", "state"],
+        )?;
+        registry.register(Box::new(reconcile_documents.clone()))?;
+
         Ok(Metrics {
+            position_regressions: counter_vec(
+                "position_regressions_total",
+                "Events skipped as stale although newer by source.ts_ms than what the index holds: the connector's positions went backwards (a restored database, a MySQL failover), by connector.",
+                &["connector"],
+            )?,
+            reconcile_documents,
+            reconcile_last_run: gauge(
+                "reconcile_last_run_timestamp_seconds",
+                "Unix time the last reconcile run finished.",
+            )?,
+            reconcile_duration: float_gauge(
+                "reconcile_duration_seconds",
+                "Duration of the last reconcile run.",
+            )?,
+            reconcile_rows_per_second: float_gauge(
+                "reconcile_rows_per_second",
+                "Source rows per second read by the last reconcile run.",
+            )?,
+            reconcile_runs: counter_vec(
+                "reconcile_runs_total",
+                "Reconcile runs, by result (ok, drift, failed).",
+                &["result"],
+            )?,
+            reconcile_repairs: counter_vec(
+                "reconcile_repairs_total",
+                "Repair events published by reconcile, by table and action (upsert, rewrite, delete).",
+                &["table", "action"],
+            )?,
             events_received: counter_vec(
                 "events_received_total",
                 "Messages taken from the queue, by table and op.",

@@ -46,6 +46,8 @@ pub struct StoredState {
     pub kind: StoredKind,
     pub hash: Option<String>,
     pub position: Option<SourcePosition>,
+    /// `source.ts_ms` of the change the index holds.
+    pub source_ts_ms: Option<i64>,
     /// Points with vectors (0 for markers).
     pub chunks: usize,
     /// The row's kept columns as stored: payload fields (by column name) and `_cdc.hidden`;
@@ -83,6 +85,7 @@ pub fn stored_state(payload: &Row) -> Option<StoredState> {
         position: cdc
             .get("position")
             .and_then(|p| serde_json::from_value(p.clone()).ok()),
+        source_ts_ms: cdc.get("source_ts_ms").and_then(Value::as_i64),
         chunks: match kind {
             StoredKind::Document => cdc.get("chunks").and_then(Value::as_u64).unwrap_or(1) as usize,
             _ => 0,

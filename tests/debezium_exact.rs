@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use cdc_indexer::mapping::text_hash;
 use common::debezium::*;
+use common::reconcile::*;
 use common::*;
 use serde_json::{Value, json};
 
@@ -138,6 +139,7 @@ async fn toast_placeholder_with_changed_status_re_renders_text_and_keeps_nulls()
     );
     // The vectors are those of the new text: a search for it finds the document first.
     assert!(w.drain_dlq().await.is_empty(), "nothing dead-lettered");
+    assert_reconciled(&w);
     for t in [&plain, &hidden] {
         psql(&format!("DROP TABLE public.{t}"));
     }
@@ -197,6 +199,7 @@ async fn primary_key_change_of_a_toasted_row(test: &str, pipeline: &str) {
         "dead-lettered: {:?}",
         dead.iter().map(|d| &d.1).collect::<Vec<_>>()
     );
+    assert_reconciled(&w);
     psql(&format!("DROP TABLE public.{t}"));
     tap_delete(&tap_name).await;
     w.cleanup().await;
@@ -239,6 +242,14 @@ async fn unwrap_default_mode_deletes_are_counted_and_key_changes_still_apply() {
     runner.stop();
     let unapplied = d.metric_sum("cdc_indexer_unapplied_deletes_total");
     assert!(unapplied >= 2.0, "keyless deletes counted: {unapplied}");
+    // Reconcile finds the two rows whose deletes lost their key, and repair removes them.
+    let table = format!("public.{t}");
+    let r = reconcile(&w, &[]);
+    let orphans: Vec<String> = r.keys(&table, "orphan").into_iter().collect();
+    assert_eq!(orphans, vec![r#"{"id":1}"#, r#"{"id":2}"#], "{}", r.json);
+    assert_eq!(reconcile(&w, &["--repair"]).code, 1);
+    wait_drained(&w, &mut d).await;
+    assert_reconciled(&w);
     assert!(d.sigterm().success());
     let log = d.log();
     let warnings = log
@@ -248,7 +259,6 @@ async fn unwrap_default_mode_deletes_are_counted_and_key_changes_still_apply() {
         warnings, 1,
         "warned once for the table, with the fix: {log}"
     );
-    let table = format!("public.{t}");
     assert!(
         document(&w, &table, 3).await.is_none(),
         "the create with __debezium.oldkey deleted the old key"
@@ -294,6 +304,7 @@ async fn a_truncate_keeps_older_creates_replayed_after_it_from_resurrecting_rows
         "a row older than the truncate stays gone"
     );
     assert!(document(&w, &table, 2).await.is_some());
+    assert_reconciled(&w);
     psql(&format!("DROP TABLE public.{t}"));
     tap_delete(&tap_name).await;
     w.cleanup().await;

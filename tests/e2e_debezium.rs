@@ -84,15 +84,8 @@ async fn postgres_changes_reach_search_through_real_debezium() {
         "[[tables]]\ntable = \"public.{table}\"\nid_columns = [\"id\"]\ntext = \"{{name}}: {{description}}\"\n"
     );
     let w = World::new("e2e", &rules, "[pipeline]\nbatch_max_wait_ms = 100\n");
-    // /search is off unless given a port of its own.
-    let search = format!("127.0.0.1:{}", free_port());
-    let config = std::fs::read_to_string(&w.config_path)
-        .expect("config")
-        .replace(
-            &format!("listen = \"{}\"", w.http),
-            &format!("listen = \"{}\"\nsearch_listen = \"{search}\"", w.http),
-        );
-    std::fs::write(&w.config_path, config).expect("config");
+    // /search is off unless given a port of its own: the World gives it one.
+    let search = w.search.clone();
     let mut d = w.start();
     d.wait_ready(Duration::from_secs(60));
 
@@ -155,6 +148,8 @@ async fn postgres_changes_reach_search_through_real_debezium() {
         "e2e latencies: snapshot {snapshot:?}, insert {insert:?}, update {update:?}, delete {delete:?}"
     );
 
+    // The oracle: the index equals the table (through the running daemon's side port).
+    common::reconcile::assert_reconciled(&w);
     drop(_runner);
     assert!(d.sigterm().success());
     let index = w.index().await;
@@ -165,6 +160,9 @@ async fn postgres_changes_reach_search_through_real_debezium() {
         serde_json::json!("Cast iron skillet")
     );
     assert!(w.drain_dlq().await.is_empty());
+    drop(index);
+    // And on the index itself, once the daemon has stopped.
+    common::reconcile::assert_reconciled(&w);
     psql(&format!("DROP TABLE public.{table}"));
     w.cleanup().await;
 }

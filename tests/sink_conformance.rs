@@ -267,7 +267,65 @@ async fn conformance(sink: &dyn Sink) {
         json!("alpha v3 chunk 1"),
         "{name}: its own text"
     );
+    scan_conforms(sink).await;
     println!("sink conformance: {name} passed");
+}
+
+/// `scan` walks every point of a table in pages (markers too), with `_cdc` only, and a
+/// `Keys` scope walks just those documents.
+async fn scan_conforms(sink: &dyn Sink) {
+    use cdc_indexer::sink::ScanScope;
+    use std::collections::{BTreeMap, BTreeSet};
+    let name = sink.name();
+    let mut by_key: BTreeMap<DocumentKey, BTreeSet<String>> = BTreeMap::new();
+    let (mut after, mut pages) = (None::<String>, 0);
+    loop {
+        let page = sink
+            .scan(ScanScope::Table(T), after.as_deref(), 2)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: scan: {e}"));
+        pages += 1;
+        assert!(
+            page.points.len() <= 2,
+            "{name}: a page holds at most its limit"
+        );
+        for p in page.points {
+            assert_eq!(p.key.table, T, "{name}: only the table's points");
+            by_key
+                .entry(p.key.clone())
+                .or_default()
+                .insert(p.id.clone());
+        }
+        after = page.next;
+        if after.is_none() {
+            break;
+        }
+    }
+    let total: usize = by_key.values().map(BTreeSet::len).sum();
+    assert!(total > 0, "{name}: scan found the table's points");
+    assert!(
+        pages >= total.div_ceil(2),
+        "{name}: {total} points in {pages} pages of 2"
+    );
+    for (key, ids) in &by_key {
+        for p in sink.fetch(key).await.expect("fetch") {
+            assert!(
+                ids.contains(&p.id),
+                "{name}: {key} chunk {} not scanned",
+                p.id
+            );
+        }
+        let page = sink
+            .scan(ScanScope::Keys(std::slice::from_ref(key)), None, 100)
+            .await
+            .expect("scan keys");
+        let scoped: BTreeSet<String> = page.points.iter().map(|p| p.id.clone()).collect();
+        assert_eq!(
+            &scoped, ids,
+            "{name}: the Keys scope walks exactly {key}'s points"
+        );
+        assert!(page.next.is_none());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,7 @@ from .store import CDC, RESERVED_KEYS, Chunk, CollectionConfigError, Document, S
 
 MAX_EMBED_INPUTS = 2048
 MAX_SEARCH_LIMIT = 100
+MAX_SCAN_LIMIT = 10000
 
 
 # --------------------------------------------------------------------------- errors
@@ -173,6 +174,25 @@ class GetRequest(BaseModel):
     with_embeddings: bool = False
 
 
+class ScanRequest(BaseModel):
+    """One page of a table's points (or of some documents' points), in point-id order."""
+    table: Optional[str] = Field(default=None, min_length=1)
+    keys: Optional[List[DocKey]] = None
+    after: Optional[str] = None
+    limit: int = Field(default=256, ge=1, le=MAX_SCAN_LIMIT)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.table is None) == (self.keys is None):
+            raise ValueError("give exactly one of 'table' or 'keys'")
+        if self.after is not None:
+            try:
+                self.after = str(uuid.UUID(self.after))
+            except ValueError:
+                raise ValueError(f"'after' must be a point id (UUID), got {self.after!r}")
+        return self
+
+
 class CountRequest(BaseModel):
     table: Optional[str] = None
 
@@ -244,6 +264,13 @@ def get_documents(body: GetRequest, request: Request):
     keys = [(k.table, k.key) for k in body.keys]
     found = _store(request).get(keys, with_embeddings=body.with_embeddings)
     return {"documents": [{"table": t, "key": k, "chunks": found[(t, k)]} for t, k in keys]}
+
+
+@router.post("/v1/documents:scan")
+def scan_documents(body: ScanRequest, request: Request):
+    keys = [(k.table, k.key) for k in body.keys] if body.keys is not None else None
+    points, after = _store(request).scan(body.table, keys, body.after, body.limit)
+    return {"points": points, "next": after}
 
 
 @router.post("/v1/documents:count")

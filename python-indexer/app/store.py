@@ -363,6 +363,31 @@ class DocumentStore:
             chunks.sort(key=order)
         return found
 
+    def scan(self, table: Optional[str], keys: Optional[Sequence[Tuple[str, str]]],
+             after: Optional[str], limit: int) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+        """One page of the points of `table` (or of the documents `keys`), in point-id order:
+        each point's id and its `_cdc` metadata only (`hidden`/`moved_row` left out: they hold
+        whole column values). Returns the points and the id the next page starts at."""
+        self.ensure_ready()
+        if keys is not None:
+            if not keys:
+                return [], None
+            flt = _keys_filter(list(dict.fromkeys(keys)))
+        else:
+            flt = _doc_filter(table)
+        with self._reading():
+            points, offset = self._call(
+                "scan", self.client.scroll, self.collection, scroll_filter=flt,
+                limit=limit, offset=after, with_payload=[CDC], with_vectors=False,
+            )
+        out = []
+        for p in points:
+            cdc = dict((p.payload or {}).get(CDC) or {})
+            cdc.pop("hidden", None)
+            cdc.pop("moved_row", None)
+            out.append({"id": str(p.id), "metadata": {CDC: cdc}})
+        return out, (str(offset) if offset is not None else None)
+
     def count(self, table: Optional[str] = None) -> int:
         self.ensure_ready()
         flt = _doc_filter(table) if table is not None else None

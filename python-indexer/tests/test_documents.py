@@ -292,3 +292,40 @@ def test_get_with_embeddings(client):
                         json={"keys": [{"table": t, "key": k}], "with_embeddings": True}).json()
     assert [c["metadata"]["title"] for c in again["documents"][0]["chunks"]] == ["updated"] * 2
     assert np.allclose(again["documents"][0]["chunks"][0]["embedding"], vec, atol=1e-6)
+
+
+def test_scan_pages_through_a_table_with_cdc_metadata_only(client):
+    table = "public.scan_" + uuid.uuid4().hex[:8]
+    for i in range(7):
+        d = doc(table, key_of(i), [f"scan text {i} a", f"scan text {i} b"], name=f"n{i}")
+        d["chunks"][0]["metadata"]["_cdc"]["hidden"] = {"body": "a whole column value"}
+        upsert(client, d)
+    upsert(client, doc("public.other_" + uuid.uuid4().hex[:8], key_of(1), ["elsewhere"]))
+    seen, after, pages = [], None, 0
+    while True:
+        r = client.post("/v1/documents:scan", json={"table": table, "after": after, "limit": 4})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        pages += 1
+        for p in body["points"]:
+            assert set(p["metadata"]) == {"_cdc"}, p
+            assert "hidden" not in p["metadata"]["_cdc"]
+            assert p["metadata"]["_cdc"]["table"] == table
+            seen.append(p["id"])
+        after = body["next"]
+        if after is None:
+            break
+    assert pages >= 4
+    assert sorted(seen) == sorted(cid(table, key_of(i), n) for i in range(7) for n in range(2))
+
+    r = client.post("/v1/documents:scan",
+                    json={"keys": [{"table": table, "key": key_of(3)}], "limit": 100})
+    assert r.status_code == 200, r.text
+    chunks = sorted(p["metadata"]["_cdc"]["chunk"] for p in r.json()["points"])
+    assert chunks == [0, 1]
+
+
+def test_scan_needs_exactly_one_scope_and_a_uuid_cursor(client):
+    for body in ({}, {"table": "public.t", "keys": []}, {"table": "public.t", "after": "x"}):
+        r = client.post("/v1/documents:scan", json=body)
+        assert r.status_code == 422, (body, r.text)

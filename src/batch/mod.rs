@@ -19,7 +19,7 @@ mod plan;
 
 use std::collections::{BTreeSet, HashMap};
 
-pub use plan::{PayloadWrite, PlanOutcome, PointWrite, Poisoned, WritePlan, plan};
+pub use plan::{PayloadWrite, PlanOutcome, PointWrite, Poisoned, Regression, WritePlan, plan};
 
 use crate::model::{DocumentKey, Row, SourcePosition};
 
@@ -42,6 +42,77 @@ impl Admitted {
     }
 }
 
+/// What `reconcile --repair` asks of an event it published (AMQP header `x-cdc-repair`, see
+/// [`Repair::parse`]). Streamed events ask nothing: every flag is off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Repair {
+    /// The event comes from `reconcile --repair` (flag `upsert`, or any other flag).
+    pub from_reconcile: bool,
+    /// Rewrite the whole document: every point of the key is deleted and every chunk written
+    /// again, even when the text hash is unchanged (heals missing and stray chunks).
+    pub rewrite: bool,
+    /// Apply whatever position the index holds for the key, and store this event's: the stored
+    /// positions are from before a database restore (`reconcile --repair --reset-positions`).
+    pub reset_position: bool,
+    /// A delete that applies only while the index holds exactly this event's position for its
+    /// key: the orphan `reconcile` saw, with nothing written since. Its marker keeps that
+    /// position, so a later re-insert of the key still applies.
+    pub if_unchanged: bool,
+}
+
+impl Repair {
+    /// Reads the header's comma-separated flags: `upsert`, `rewrite`, `reset-position`,
+    /// `delete-if-unchanged`.
+    pub fn parse(text: &str) -> Result<Repair, String> {
+        let mut repair = Repair {
+            from_reconcile: true,
+            ..Repair::default()
+        };
+        for flag in text.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+            match flag {
+                "upsert" => {}
+                "rewrite" => repair.rewrite = true,
+                "reset-position" => repair.reset_position = true,
+                "delete-if-unchanged" => repair.if_unchanged = true,
+                other => {
+                    return Err(format!(
+                        "header x-cdc-repair: unknown flag `{other}` (expected upsert, rewrite, reset-position, delete-if-unchanged)"
+                    ));
+                }
+            }
+        }
+        Ok(repair)
+    }
+
+    /// The header value of these flags.
+    pub fn header(&self) -> String {
+        let mut flags = Vec::new();
+        if self.rewrite {
+            flags.push("rewrite");
+        }
+        if self.reset_position {
+            flags.push("reset-position");
+        }
+        if self.if_unchanged {
+            flags.push("delete-if-unchanged");
+        }
+        if flags.is_empty() {
+            flags.push("upsert");
+        }
+        flags.join(",")
+    }
+
+    /// Flags of two events of one key coalesced into one op: what either asked for.
+    fn merge(self, other: Repair) -> Repair {
+        Repair {
+            from_reconcile: self.from_reconcile || other.from_reconcile,
+            rewrite: self.rewrite || other.rewrite,
+            reset_position: self.reset_position || other.reset_position,
+            if_unchanged: false,
+        }
+    }
+}
+
 /// Insert, update or snapshot read of a row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upsert {
@@ -56,6 +127,7 @@ pub struct Upsert {
     pub position: Option<SourcePosition>,
     pub source_ts_ms: Option<i64>,
     pub origin: usize,
+    pub repair: Repair,
 }
 
 /// Delete of a row.
@@ -68,6 +140,7 @@ pub struct Delete {
     pub position: Option<SourcePosition>,
     pub source_ts_ms: Option<i64>,
     pub origin: usize,
+    pub repair: Repair,
 }
 
 /// Truncate of a table.
@@ -122,6 +195,20 @@ impl Op {
         match self {
             Op::Upsert { upsert, .. } => upsert.origin,
             Op::Delete { delete, .. } => delete.origin,
+        }
+    }
+
+    pub fn repair(&self) -> Repair {
+        match self {
+            Op::Upsert { upsert, .. } => upsert.repair,
+            Op::Delete { delete, .. } => delete.repair,
+        }
+    }
+
+    pub fn source_ts_ms(&self) -> Option<i64> {
+        match self {
+            Op::Upsert { upsert, .. } => upsert.source_ts_ms,
+            Op::Delete { delete, .. } => delete.source_ts_ms,
         }
     }
 
@@ -256,6 +343,7 @@ impl Coalesced {
                 position: upsert.position.clone(),
                 source_ts_ms: upsert.source_ts_ms,
                 origin: upsert.origin,
+                repair: Repair::default(),
             });
         }
         match self.index.get(&upsert.key).copied() {
@@ -278,6 +366,7 @@ impl Coalesced {
                     if carry.is_none() {
                         carry = earlier_carry.clone();
                     }
+                    upsert.repair = upsert.repair.merge(earlier.repair);
                 }
                 self.ops[i] = Op::Upsert { upsert, carry };
             }
@@ -290,6 +379,15 @@ impl Coalesced {
 
     fn delete(&mut self, delete: Delete) {
         if self.is_stale(&delete.key, delete.position.as_ref(), delete.origin) {
+            return;
+        }
+        // A conditional delete (an orphan reconcile saw) after another event of its key in
+        // this batch: that event is what the index will hold, so the condition is about it.
+        if delete.repair.if_unchanged
+            && let Some(op) = self.op(&delete.key)
+            && op.position() != delete.position.as_ref()
+        {
+            self.stale.push((delete.key.clone(), delete.origin));
             return;
         }
         match self.index.get(&delete.key).copied() {

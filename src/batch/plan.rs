@@ -76,6 +76,16 @@ pub struct PlanOutcome {
     pub empty: Vec<String>,
     /// Tables of documents longer than their `max_chunks` (indexed by their first chunks).
     pub truncated: Vec<String>,
+    /// Stale events that look like a position reset rather than a replay: older position than
+    /// the stored one, but a later `source.ts_ms` (a restored database, a MySQL failover).
+    pub regressions: Vec<Regression>,
+}
+
+/// A position that went backwards for a connector (see [`PlanOutcome::regressions`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Regression {
+    pub connector: String,
+    pub key: DocumentKey,
 }
 
 /// An op that cannot be applied, and why.
@@ -129,7 +139,22 @@ pub fn plan(
         let key = op.key();
         let table_marker = state_of(&DocumentKey::table_marker(&key.table));
         let state = state_of(key);
-        if is_stale(op.position(), state) || is_stale(op.position(), table_marker) {
+        let repair = op.repair();
+        let stale = is_stale(op.position(), state) || is_stale(op.position(), table_marker);
+        if stale && !repair.reset_position {
+            if !repair.from_reconcile
+                && let Some(connector) = regressed(op, state)
+            {
+                out.regressions.push(Regression {
+                    connector,
+                    key: key.clone(),
+                });
+            }
+            out.stale.push((key.clone(), op.origin()));
+            continue;
+        }
+        // An orphan's delete applies only while the index holds what reconcile saw.
+        if repair.if_unchanged && state.and_then(|s| s.position.as_ref()) != op.position() {
             out.stale.push((key.clone(), op.origin()));
             continue;
         }
@@ -251,6 +276,13 @@ fn plan_upsert(
         position: upsert.position.as_ref(),
         source_ts_ms: upsert.source_ts_ms,
     };
+    // A rewrite starts from nothing: every point of the key goes first (stray chunks too).
+    let state = if upsert.repair.rewrite {
+        out.plan.delete_keys.push(key.clone());
+        None
+    } else {
+        state
+    };
     let stored_chunks = state.map_or(0, |s| s.chunks);
     if rendered.chunks.is_empty() {
         // Nothing to embed (providers refuse empty input): the points go, the row stays as a
@@ -305,6 +337,16 @@ fn plan_upsert(
         payload: commit,
         origin: upsert.origin,
     });
+}
+
+/// The connector whose position went backwards, when a stale `op` is newer by its
+/// `source.ts_ms` than what the index holds (a replay or redelivery is older by both).
+fn regressed(op: &Op, state: Option<&StoredState>) -> Option<String> {
+    let state = state?;
+    let stored = state.position.as_ref()?;
+    let newer = matches!((op.source_ts_ms(), state.source_ts_ms), (Some(a), Some(b)) if a > b);
+    (newer && op.position().is_some_and(|p| p.is_older_than(stored)))
+        .then(|| stored.connector.clone())
 }
 
 fn not_newer(position: Option<&SourcePosition>, state: Option<&StoredState>) -> bool {

@@ -69,6 +69,7 @@ fn upsert_values(
         position: pos(lsn),
         source_ts_ms: Some(1),
         origin,
+        repair: Repair::default(),
     })
 }
 
@@ -89,6 +90,7 @@ fn delete(id: i64, lsn: u64, origin: usize) -> Admitted {
         position: pos(lsn),
         source_ts_ms: None,
         origin,
+        repair: Repair::default(),
     })
 }
 
@@ -286,6 +288,7 @@ fn truncate_drops_earlier_ops_of_its_table_only() {
         position: pos(2),
         source_ts_ms: None,
         origin: 1,
+        repair: Repair::default(),
     });
     let c = coalesced(&[
         upsert(1, "a", 1, 0),
@@ -500,6 +503,7 @@ fn moved_delete(id: i64, lsn: u64, origin: usize) -> Admitted {
         position: pos(lsn),
         source_ts_ms: None,
         origin,
+        repair: Repair::default(),
     })
 }
 
@@ -796,4 +800,143 @@ fn a_batch_planned_against_the_previous_writes_overlay_equals_one_planned_after_
         assert_eq!(overlapped.stale, sequential.stale, "scenario {i}");
         assert_eq!(overlapped.poison, sequential.poison, "scenario {i}");
     }
+}
+fn with_repair(event: Admitted, flags: &str) -> Admitted {
+    let repair = Repair::parse(flags).expect("flags");
+    match event {
+        Admitted::Upsert(u) => Admitted::Upsert(Upsert { repair, ..u }),
+        Admitted::Delete(d) => Admitted::Delete(Delete { repair, ..d }),
+        other => other,
+    }
+}
+
+fn marker_position(store: &Store, id: i64) -> Option<SourcePosition> {
+    let (payload, _) = store.points.get(&key(id).point_id(0))?;
+    stored_state(payload)?.position
+}
+
+#[test]
+fn repair_flags_read_back_from_their_header() {
+    for text in [
+        "upsert",
+        "rewrite",
+        "reset-position",
+        "rewrite,reset-position",
+        "delete-if-unchanged",
+    ] {
+        let r = Repair::parse(text).expect(text);
+        assert!(r.from_reconcile);
+        assert_eq!(Repair::parse(&r.header()).expect("again"), r, "{text}");
+    }
+    assert!(Repair::parse("sometimes").is_err());
+}
+
+#[test]
+fn a_conditional_delete_removes_the_orphan_it_saw_and_keeps_its_position() {
+    let mut s = Store::default();
+    s.run(&[upsert(1, "orphan", 7, 0)]);
+    let out = s.run(&[with_repair(delete(1, 7, 0), "delete-if-unchanged")]);
+    assert!(out.stale.is_empty(), "{:?}", out.stale);
+    assert!(s.document(1).is_none());
+    assert_eq!(
+        marker_position(&s, 1),
+        pos(7),
+        "the marker keeps what was seen"
+    );
+    // A later re-insert of the key still applies.
+    s.run(&[upsert(1, "back", 8, 0)]);
+    assert_eq!(text_of(&s, 1), "back");
+}
+
+#[test]
+fn a_conditional_delete_leaves_a_document_written_since() {
+    let mut s = Store::default();
+    s.run(&[upsert(1, "orphan", 7, 0)]);
+    s.run(&[upsert(1, "re-inserted", 9, 0)]);
+    let out = s.run(&[with_repair(delete(1, 7, 0), "delete-if-unchanged")]);
+    assert_eq!(out.stale, vec![(key(1), 0)]);
+    assert_eq!(text_of(&s, 1), "re-inserted");
+    // In one batch with the newer event before it, too.
+    let mut s = Store::default();
+    s.run(&[upsert(1, "orphan", 7, 0)]);
+    let out = s.run(&[
+        upsert(1, "re-inserted", 9, 0),
+        with_repair(delete(1, 7, 1), "delete-if-unchanged"),
+    ]);
+    assert_eq!(out.stale, vec![(key(1), 1)]);
+    assert_eq!(text_of(&s, 1), "re-inserted");
+}
+
+#[test]
+fn a_rewrite_writes_every_chunk_again_and_removes_strays() {
+    let mut s = Store::default();
+    let long = "alpha beta gamma delta epsilon zeta";
+    s.run(&[upsert(1, long, 5, 0)]);
+    let (chunks, _) = s.document(1).expect("doc");
+    assert!(chunks.len() > 1);
+    // A stray point beyond the chunk count, and a lost middle chunk.
+    let stray = key(1).point_id(7);
+    s.points.insert(
+        stray,
+        (
+            row(json!({"_cdc": {"table": T, "key": key(1).key, "chunk": 7}})),
+            true,
+        ),
+    );
+    s.points.remove(&key(1).point_id(1));
+    let out = s.run(&[with_repair(upsert(1, long, 6, 0), "rewrite")]);
+    assert_eq!(out.plan.delete_keys, vec![key(1)]);
+    assert_eq!(
+        out.plan.upserts.len(),
+        chunks.len(),
+        "every chunk re-embedded"
+    );
+    assert!(!s.points.contains_key(&stray));
+    assert_eq!(s.document(1).expect("whole again").0, chunks);
+    // Without the flag the same event is only a payload update: the damage would stay.
+    let out = s.run(&[upsert(1, long, 7, 0)]);
+    assert!(out.plan.upserts.is_empty());
+}
+
+#[test]
+fn a_reset_position_repair_applies_over_a_newer_stored_position() {
+    let mut s = Store::default();
+    s.run(&[upsert(1, "before the restore", 9000, 0)]);
+    let out = s.run(&[upsert(1, "after the restore", 100, 0)]);
+    assert_eq!(out.stale, vec![(key(1), 0)], "the stale guard skips it");
+    let out = s.run(&[with_repair(upsert(1, "repaired", 120, 0), "reset-position")]);
+    assert!(out.stale.is_empty());
+    assert_eq!(text_of(&s, 1), "repaired");
+    assert_eq!(marker_position(&s, 1), pos(120));
+    // From now on the new positions order the events again.
+    assert_eq!(s.run(&[upsert(1, "older", 110, 0)]).stale.len(), 1);
+    s.run(&[upsert(1, "newer", 130, 0)]);
+    assert_eq!(text_of(&s, 1), "newer");
+}
+
+#[test]
+fn an_older_position_with_a_later_timestamp_is_a_regression_a_replay_is_not() {
+    let mut s = Store::default();
+    let at = |id, name: &str, lsn, ts| {
+        let Admitted::Upsert(u) = upsert(id, name, lsn, 0) else {
+            unreachable!()
+        };
+        Admitted::Upsert(Upsert {
+            source_ts_ms: Some(ts),
+            ..u
+        })
+    };
+    s.run(&[at(1, "v1", 500, 1_000)]);
+    let replay = s.run(&[at(1, "v0", 400, 900)]);
+    assert_eq!(replay.stale.len(), 1);
+    assert!(replay.regressions.is_empty(), "a replay is older by both");
+    let reset = s.run(&[at(1, "after restore", 40, 2_000)]);
+    assert_eq!(reset.stale.len(), 1);
+    assert_eq!(
+        reset.regressions,
+        vec![Regression {
+            connector: "dbserver1".into(),
+            key: key(1)
+        }]
+    );
 }

@@ -163,6 +163,18 @@ fn decimal(b64: &str, scale: u32) -> Result<String, String> {
     Ok(if negative { format!("-{text}") } else { text })
 }
 
+/// A `timestamp` column's value as the pipeline stores it, from microseconds since the epoch
+/// (what Debezium's `MicroTimestamp` carries).
+pub fn micro_timestamp_text(micros: i64) -> Result<String, String> {
+    timestamp(micros, 1_000_000)
+}
+
+/// A `time` column's value as the pipeline stores it, from microseconds since midnight
+/// (Debezium's `MicroTime`).
+pub fn micro_time_text(micros: i64) -> Result<String, String> {
+    time_of_day(micros, 1_000_000)
+}
+
 fn timestamp(value: i64, per_second: i64) -> Result<String, String> {
     let secs = value.div_euclid(per_second);
     let nanos = (value.rem_euclid(per_second) * (1_000_000_000 / per_second)) as u32;

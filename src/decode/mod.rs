@@ -31,7 +31,7 @@
 
 mod logical;
 
-pub use logical::is_unavailable;
+pub use logical::{is_unavailable, micro_time_text, micro_timestamp_text};
 
 use serde_json::{Map, Value};
 
@@ -113,7 +113,7 @@ pub fn decode_key_header(text: &str) -> Result<Row, DecodeError> {
 }
 
 /// Parses JSON, keeping integers beyond 64 bits exact (as decimal text).
-fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
+pub fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
     serde_json::from_str(&quote_wide_integers(text))
 }
 

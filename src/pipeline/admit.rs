@@ -7,7 +7,7 @@
 use lapin::message::Delivery;
 
 use super::Pipeline;
-use crate::batch::{Admitted, Delete, Truncate, Upsert};
+use crate::batch::{Admitted, Delete, Repair, Truncate, Upsert};
 use crate::broker::dead_letter::DeadLetter;
 use crate::broker::{header, header_text};
 use crate::config::UnknownTable;
@@ -85,7 +85,16 @@ pub(super) fn admit(p: &Pipeline, origin: usize, d: &Delivery) -> (Fate, Admissi
     fate.table = rule.rule.table.clone();
     let headers = d.properties.headers().as_ref();
     let key_header = |name: &str| header(headers, name).map(header_text);
-    match map_event(rule, origin, event, key_header) {
+    let repair = match key_header(REPAIR_HEADER).map(|h| Repair::parse(&h)) {
+        None => Repair::default(),
+        Some(Ok(r)) => r,
+        Some(Err(reason)) => return (fate, dead("decode", reason)),
+    };
+    if repair.from_reconcile {
+        // Its `source.ts_ms` is when reconcile read the row, not a commit: no lag sample.
+        fate.source_ts_ms = None;
+    }
+    match map_event(rule, origin, event, repair, key_header) {
         Ok((outcome, admitted)) => {
             fate.outcome = outcome;
             (fate, Admission::Event(Box::new(admitted)))
@@ -93,6 +102,9 @@ pub(super) fn admit(p: &Pipeline, origin: usize, d: &Delivery) -> (Fate, Admissi
         Err(reason) => (fate, dead("mapping", reason)),
     }
 }
+
+/// The header `reconcile --repair` puts on the events it publishes (see [`Repair::parse`]).
+pub const REPAIR_HEADER: &str = "x-cdc-repair";
 
 fn dead(kind: &'static str, reason: String) -> Admission {
     Admission::DeadLetter(DeadLetter { kind, reason })
@@ -103,8 +115,19 @@ fn map_event(
     rule: &CompiledRule,
     origin: usize,
     mut event: ChangeEvent,
+    repair: Repair,
     key_header: impl Fn(&str) -> Option<String>,
 ) -> Result<(&'static str, Admitted), String> {
+    let is_delete = matches!(event.change, Change::Delete(_));
+    if repair.if_unchanged != is_delete && repair.from_reconcile
+        || (is_delete && (repair.rewrite || repair.reset_position))
+    {
+        return Err(format!(
+            "header {REPAIR_HEADER}: `{}` does not fit an op `{}` event",
+            repair.header(),
+            event.op.as_str()
+        ));
+    }
     let header_key = |name: &str| -> Result<Option<crate::model::Row>, String> {
         key_header(name)
             .map(|text| decode_key_header(&text).map_err(|e| format!("header {name}: {e}")))
@@ -149,6 +172,7 @@ fn map_event(
                     position: event.position,
                     source_ts_ms: event.source_ts_ms,
                     origin,
+                    repair,
                 }),
             ))
         }
@@ -163,6 +187,7 @@ fn map_event(
                     position: event.position,
                     source_ts_ms: event.source_ts_ms,
                     origin,
+                    repair,
                 }),
             ))
         }

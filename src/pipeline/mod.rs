@@ -48,6 +48,7 @@ use crate::events::{
 use crate::mapping::CompiledRule;
 use crate::metrics::Metrics;
 use crate::sink::Sink;
+pub use admit::REPAIR_HEADER;
 use admit::{Admission, Fate};
 use crash_guard::{CrashGuard, MessageId, Verdict, message_id};
 
@@ -72,6 +73,8 @@ pub struct Pipeline {
     widen: std::sync::atomic::AtomicBool,
     /// The tag of the consumer in use this session.
     consumer_tag: Mutex<&'static str>,
+    /// Connectors a position regression was already warned about.
+    regression_warned: Mutex<HashSet<String>>,
 }
 
 /// One broker session: a connection, the consuming channel, the dead-letter channel.
@@ -168,6 +171,7 @@ impl Pipeline {
             narrow: std::sync::atomic::AtomicBool::new(false),
             widen: std::sync::atomic::AtomicBool::new(false),
             consumer_tag: Mutex::new(CONSUMER_TAG),
+            regression_warned: Mutex::new(HashSet::new()),
         }
     }
 
@@ -667,6 +671,13 @@ impl Pipeline {
     }
 
     /// True the first time a keyless delete is seen for `table` (warn once per table).
+    fn first_regression(&self, connector: &str) -> bool {
+        self.regression_warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(connector.to_string())
+    }
+
     fn first_keyless_delete(&self, table: &str) -> bool {
         self.keyless_warned
             .lock()

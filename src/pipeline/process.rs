@@ -29,7 +29,7 @@ use crate::broker::dead_letter::{DeadLetter, DeadLetterPublisher};
 use crate::error::{ErrorKind, StageError};
 use crate::events::{
     BatchWritten, DeadLettered, DocumentsEmpty, DocumentsTruncated, EventProcessed, EventsSkipped,
-    InternalEvent, TextsEmbedded, WriteRejected,
+    InternalEvent, PositionRegressed, TextsEmbedded, WriteRejected,
 };
 use crate::model::DocumentKey;
 use crate::sink::Write;
@@ -556,5 +556,13 @@ fn record(p: &Pipeline, outcome: &PlanOutcome, fates: &mut [super::Fate]) {
     }
     for table in &outcome.truncated {
         DocumentsTruncated { table }.emit(&p.metrics);
+    }
+    for r in &outcome.regressions {
+        PositionRegressed {
+            connector: &r.connector,
+            key: &r.key,
+            first: p.first_regression(&r.connector),
+        }
+        .emit(&p.metrics);
     }
 }

@@ -29,7 +29,10 @@ use qdrant_edge::{
 };
 use serde_json::Value;
 
-use super::{Hit, Sink, StoredPoint, VECTOR_NAME, Write, sort_by_chunk};
+use super::{
+    Hit, SCAN_FIELDS, ScanPage, ScanScope, ScannedPoint, Sink, StoredPoint, VECTOR_NAME, Write,
+    sort_by_chunk,
+};
 use crate::batch::{PayloadWrite, split_ranges};
 use crate::error::StageError;
 use crate::model::{DocumentKey, Row};
@@ -144,6 +147,25 @@ const MAX_KEYS_PER_FILTER: usize = 1024;
 
 fn table_filter(table: &str) -> Result<Filter, StageError> {
     Ok(must(vec![keyword("_cdc.table", table)?]))
+}
+
+/// The points of `scope`: a table, or some documents (their tables and keys).
+fn scope_filter(scope: ScanScope<'_>) -> Result<Filter, StageError> {
+    match scope {
+        ScanScope::Table(table) => table_filter(table),
+        ScanScope::Keys(keys) => {
+            let any = |values: Vec<String>| Match::from(values);
+            let mut tables: Vec<String> = keys.iter().map(|k| k.table.clone()).collect();
+            tables.dedup();
+            Ok(must(vec![
+                Condition::Field(FieldCondition::new_match(path("_cdc.table")?, any(tables))),
+                Condition::Field(FieldCondition::new_match(
+                    path("_cdc.key")?,
+                    any(keys.iter().map(|k| k.key.clone()).collect()),
+                )),
+            ]))
+        }
+    }
 }
 
 /// `filter` (or everything) minus markers (deleted rows, truncates, empty documents): what
@@ -431,6 +453,55 @@ impl Sink for EmbeddedSink {
                 .collect();
             sort_by_chunk(&mut points);
             Ok(points)
+        })
+        .await
+    }
+
+    async fn scan(
+        &self,
+        scope: ScanScope<'_>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ScanPage, StageError> {
+        if matches!(scope, ScanScope::Keys([])) {
+            return Ok(ScanPage::default());
+        }
+        let filter = scope_filter(scope)?;
+        let wanted: Option<std::collections::HashSet<DocumentKey>> = match scope {
+            ScanScope::Keys(keys) => Some(keys.iter().cloned().collect()),
+            ScanScope::Table(_) => None,
+        };
+        let offset = after
+            .map(|a| {
+                uuid::Uuid::parse_str(a)
+                    .map(PointId::Uuid)
+                    .map_err(|_| StageError::fatal(format!("scan cursor `{a}` is not a point id")))
+            })
+            .transpose()?;
+        let fields = SCAN_FIELDS
+            .iter()
+            .map(|f| path(f))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.with_shard("scroll", move |shard| {
+            let mut request = ScrollRequest::new();
+            request.filter = Some(filter);
+            request.offset = offset;
+            request.limit = Some(limit.max(1));
+            request.with_payload = Some(WithPayloadInterface::Fields(fields));
+            let (records, next) = shard
+                .scroll(request)
+                .map_err(|e| engine_error("scroll", e))?;
+            let points = records
+                .into_iter()
+                .filter_map(|r| {
+                    ScannedPoint::from_payload(r.id.to_string(), &payload_map(r.payload))
+                })
+                .filter(|p| wanted.as_ref().is_none_or(|w| w.contains(&p.key)))
+                .collect();
+            Ok(ScanPage {
+                points,
+                next: next.map(|id| id.to_string()),
+            })
         })
         .await
     }

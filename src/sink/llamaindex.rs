@@ -6,7 +6,7 @@
 //! Delete markers (`Write::markers`) are not sent: the service keeps no vector-less points,
 //! so with this sink an old event replayed after its row's delete can re-create the document.
 //!
-//! Endpoints: `POST /v1/documents:upsert`, `:delete`, `:get`, `:count`, `POST /v1/search`,
+//! Endpoints: `POST /v1/documents:upsert`, `:delete`, `:get`, `:count`, `:scan`, `POST /v1/search`,
 //! `GET /healthz`. Timeouts and 5xx are transient (the pipeline retries), 4xx poison.
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::{Hit, Sink, StoredPoint, Write, sort_by_chunk};
+use super::{Hit, ScanPage, ScanScope, ScannedPoint, Sink, StoredPoint, Write, sort_by_chunk};
 use crate::config::{SinkConfig, read_secret, redact_url};
 use crate::error::StageError;
 use crate::model::{DocumentKey, Row};
@@ -307,6 +307,42 @@ impl Sink for LlamaIndexSink {
             .collect();
         sort_by_chunk(&mut points);
         Ok(points)
+    }
+
+    async fn scan(
+        &self,
+        scope: ScanScope<'_>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ScanPage, StageError> {
+        let body = match scope {
+            ScanScope::Table(table) => json!({"table": table, "after": after, "limit": limit}),
+            ScanScope::Keys([]) => return Ok(ScanPage::default()),
+            ScanScope::Keys(keys) => {
+                let keys: Vec<Value> = keys
+                    .iter()
+                    .map(|k| json!({"table": k.table, "key": k.key}))
+                    .collect();
+                json!({"keys": keys, "after": after, "limit": limit})
+            }
+        };
+        let answer = self.post("/v1/documents:scan", &body).await?;
+        let points = answer["points"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| {
+                ScannedPoint::from_payload(
+                    p["id"].as_str().unwrap_or_default().to_string(),
+                    &object(&p["metadata"]),
+                )
+            })
+            .collect();
+        Ok(ScanPage {
+            points,
+            next: answer["next"].as_str().map(str::to_string),
+        })
     }
 
     async fn count(&self, table: Option<&str>) -> Result<u64, StageError> {

@@ -121,6 +121,82 @@ pub struct Hit {
     pub payload: Row,
 }
 
+/// Which points a [`Sink::scan`] walks.
+#[derive(Debug, Clone, Copy)]
+pub enum ScanScope<'a> {
+    /// Every point of one table: documents' chunks and markers.
+    Table(&'a str),
+    /// Every point of these documents.
+    Keys(&'a [DocumentKey]),
+}
+
+/// The `_cdc` fields a scan returns (never `hidden` or `moved_row`, which hold whole column
+/// values): enough to tell documents, chunks and markers apart.
+pub const SCAN_FIELDS: [&str; 9] = [
+    "_cdc.table",
+    "_cdc.key",
+    "_cdc.chunk",
+    "_cdc.chunks",
+    "_cdc.hash",
+    "_cdc.position",
+    "_cdc.deleted",
+    "_cdc.empty",
+    "_cdc.truncated",
+];
+
+/// One page of a [`Sink::scan`]: points in the index's own order (by point id), and the
+/// cursor of the next page (`None` after the last).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScanPage {
+    pub points: Vec<ScannedPoint>,
+    pub next: Option<String>,
+}
+
+/// One point as a scan sees it: its id and its `_cdc` metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScannedPoint {
+    pub id: String,
+    pub key: DocumentKey,
+    pub chunk: u64,
+    /// Chunk count `_cdc.chunks` (0 for markers).
+    pub chunks: u64,
+    pub hash: Option<String>,
+    pub position: Option<crate::model::SourcePosition>,
+    pub kind: crate::stored::StoredKind,
+}
+
+impl ScannedPoint {
+    /// Reads a point's payload (its `_cdc` at least); `None` for a point without `_cdc`.
+    pub fn from_payload(id: String, payload: &Row) -> Option<ScannedPoint> {
+        use crate::stored::StoredKind;
+        let cdc = payload.get("_cdc")?;
+        let flag = |name: &str| cdc.get(name).and_then(serde_json::Value::as_bool) == Some(true);
+        Some(ScannedPoint {
+            id,
+            key: crate::stored::key_of(payload)?,
+            chunk: crate::stored::chunk_of(payload),
+            chunks: cdc
+                .get("chunks")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+            hash: cdc
+                .get("hash")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string),
+            position: cdc
+                .get("position")
+                .and_then(|p| serde_json::from_value(p.clone()).ok()),
+            kind: if flag("deleted") {
+                StoredKind::Deleted
+            } else if flag("empty") {
+                StoredKind::Empty
+            } else {
+                StoredKind::Document
+            },
+        })
+    }
+}
+
 /// A stored point, as tests and `search` see it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredPoint {
@@ -160,6 +236,16 @@ pub trait Sink: Send + Sync {
 
     /// Every stored point of one document, sorted by chunk.
     async fn fetch(&self, key: &DocumentKey) -> Result<Vec<StoredPoint>, StageError>;
+
+    /// One page of the points in `scope` (markers included), `limit` at most, starting after
+    /// the cursor `after` of the previous page; payloads limited to [`SCAN_FIELDS`]. For
+    /// `reconcile`: memory is bounded by the page, whatever the table's size.
+    async fn scan(
+        &self,
+        scope: ScanScope<'_>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ScanPage, StageError>;
 
     /// Number of points, optionally of one table.
     async fn count(&self, table: Option<&str>) -> Result<u64, StageError>;

@@ -50,7 +50,10 @@ use qdrant_client::qdrant::{
 use qdrant_client::{Payload, Qdrant, QdrantError};
 use serde_json::Value;
 
-use super::{Hit, Sink, StoredPoint, VECTOR_NAME, Write, sort_by_chunk};
+use super::{
+    Hit, SCAN_FIELDS, ScanPage, ScanScope, ScannedPoint, Sink, StoredPoint, VECTOR_NAME, Write,
+    sort_by_chunk,
+};
 use crate::batch::{PayloadWrite, split_ranges};
 use crate::config::{SinkConfig, read_secret, redact_url};
 use crate::error::{ErrorKind, StageError};
@@ -388,6 +391,24 @@ fn table_filter(table: &str) -> Filter {
     Filter::must([keyword("_cdc.table", table)])
 }
 
+/// The points of `scope`: a table, or some documents (their tables and keys).
+fn scope_filter(scope: ScanScope<'_>) -> Filter {
+    match scope {
+        ScanScope::Table(table) => table_filter(table),
+        ScanScope::Keys(keys) => {
+            let mut tables: Vec<String> = keys.iter().map(|k| k.table.clone()).collect();
+            tables.dedup();
+            Filter::must([
+                Condition::matches("_cdc.table", tables),
+                Condition::matches(
+                    "_cdc.key",
+                    keys.iter().map(|k| k.key.clone()).collect::<Vec<_>>(),
+                ),
+            ])
+        }
+    }
+}
+
 /// `filter` (or everything) minus markers (deleted rows, truncates, empty documents): what
 /// counts as a stored document.
 fn documents_only(filter: Option<Filter>) -> Filter {
@@ -668,6 +689,46 @@ impl Sink for QdrantSink {
             .collect();
         sort_by_chunk(&mut points);
         Ok(points)
+    }
+
+    async fn scan(
+        &self,
+        scope: ScanScope<'_>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ScanPage, StageError> {
+        if matches!(scope, ScanScope::Keys([])) {
+            return Ok(ScanPage::default());
+        }
+        let mut request = ScrollPointsBuilder::new(&self.collection)
+            .filter(scope_filter(scope))
+            .limit(limit.clamp(1, u32::MAX as usize) as u32)
+            .with_payload(qdrant_client::qdrant::PayloadIncludeSelector::new(
+                SCAN_FIELDS.map(str::to_string).to_vec(),
+            ))
+            .with_vectors(false);
+        if let Some(after) = after {
+            request = request.offset(PointId::from(after.to_string()));
+        }
+        let response = self
+            .client
+            .scroll(request)
+            .await
+            .map_err(|e| self.err("scroll", e))?;
+        let wanted: Option<std::collections::HashSet<&DocumentKey>> = match scope {
+            ScanScope::Keys(keys) => Some(keys.iter().collect()),
+            ScanScope::Table(_) => None,
+        };
+        let points = response
+            .result
+            .into_iter()
+            .filter_map(|p| ScannedPoint::from_payload(id_text(p.id), &json_payload(p.payload)))
+            .filter(|p| wanted.as_ref().is_none_or(|w| w.contains(&p.key)))
+            .collect();
+        Ok(ScanPage {
+            points,
+            next: response.next_page_offset.map(|id| id_text(Some(id))),
+        })
     }
 
     async fn count(&self, table: Option<&str>) -> Result<u64, StageError> {

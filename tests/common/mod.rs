@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod debezium;
+pub mod reconcile;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,6 +35,8 @@ pub struct World {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub http: String,
+    /// The daemon's search port (`/search`, and the `/index/*` reads of `reconcile`).
+    pub search: String,
     pub exchange: String,
     pub queue: String,
     pub dlx: String,
@@ -51,6 +54,7 @@ impl World {
         let name = format!("t-{test}-{}-{}", std::process::id(), rand_suffix());
         let dir = tempfile::tempdir().expect("tempdir");
         let http = format!("127.0.0.1:{}", free_port());
+        let search = format!("127.0.0.1:{}", free_port());
         let w = World {
             exchange: format!("{name}.events"),
             queue: format!("{name}.q"),
@@ -58,6 +62,7 @@ impl World {
             dlq: format!("{name}.dlq"),
             config_path: dir.path().join("config.toml"),
             http,
+            search,
             dir,
             name,
         };
@@ -79,6 +84,7 @@ onnxruntime_lib = "{repo}/.models/onnxruntime/libonnxruntime.so"
 path = "{index}"
 [http]
 listen = "{http}"
+search_listen = "{search}"
 {extra}
 {tables}
 "#,
@@ -89,6 +95,7 @@ listen = "{http}"
             repo = REPO,
             index = w.dir.path().join("index").display(),
             http = w.http,
+            search = w.search,
         );
         std::fs::write(&w.config_path, config).expect("write config");
         w

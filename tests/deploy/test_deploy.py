@@ -63,6 +63,14 @@ KNOWN_METRICS = {
     "broker_reconnects_total",
     "queue_messages",
     "build_info",
+    # reconcile
+    "position_regressions_total",
+    "reconcile_documents",
+    "reconcile_last_run_timestamp_seconds",
+    "reconcile_duration_seconds",
+    "reconcile_rows_per_second",
+    "reconcile_runs_total",
+    "reconcile_repairs_total",
 }
 HISTOGRAMS = {"batch_size_events", "embed_duration_seconds", "write_duration_seconds", "lag_seconds"}
 
