@@ -255,3 +255,85 @@ async fn a_message_redelivered_past_the_limit_lands_in_the_dlq_as_delivery_limit
     let _ = conn.close(200, "ok".into()).await;
     w.cleanup().await;
 }
+
+/// A connection the broker closes in the middle of a long batch is noticed at once: not
+/// ready within a second (not when the batch's ack fails later), and the daemon reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_during_a_long_batch_is_noticed_at_once() {
+    let rules = "[[tables]]\ntable = \"public.products\"\nid_columns = [\"id\"]\ntext = \"{name}\"\nchunk_size = 20\nchunk_overlap = 0\n";
+    let w = World::new(
+        "noticed",
+        rules,
+        "[pipeline]\nbatch_max_texts = 100000\nretry_initial_ms = 100\n",
+    );
+    let marker = w.name.clone();
+    let text = std::fs::read_to_string(&w.config_path)
+        .expect("config")
+        .replace(
+            "prefetch = 200",
+            &format!("prefetch = 200\nconnection_name = \"{marker}\""),
+        );
+    std::fs::write(&w.config_path, text).expect("config");
+    w.declare().await;
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    // 100 documents of 20 chunks each: one batch that embeds for seconds.
+    for id in 1..=100u64 {
+        let name: String = (0..20)
+            .map(|i| format!("part {i:02} of {id:03} "))
+            .collect();
+        let body = serde_json::json!({"op": "c", "after": {"id": id, "name": name},
+            "source": {"name": "dbserver1", "schema": "public", "table": "products", "lsn": id}});
+        w.publish(
+            &ch,
+            "dbserver1.public.products",
+            body.to_string().as_bytes(),
+        )
+        .await;
+    }
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    // The batch is being embedded.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        d.metric_sum("cdc_indexer_events_processed_total"),
+        0.0,
+        "still working"
+    );
+    assert!(
+        close_connections(&marker) >= 1,
+        "the daemon's connection was not found"
+    );
+    let closed = std::time::Instant::now();
+    let mut noticed = None;
+    while closed.elapsed() < Duration::from_secs(10) {
+        // Not ready, or (the reconnect is quick) already reconnected.
+        if d.get("/readyz").map(|r| r.0) == Some(503)
+            || d.metric_sum("cdc_indexer_broker_reconnects_total") >= 1.0
+        {
+            noticed = Some(closed.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let noticed = noticed.unwrap_or_else(|| panic!("not noticed within 10 s: {}", d.log()));
+    println!("connection closed mid-batch: not ready after {noticed:?}");
+    assert!(
+        noticed < Duration::from_secs(1),
+        "noticed only after {noticed:?}"
+    );
+    wait_drained(&w, &mut d).await;
+    assert!(d.sigterm().success());
+    let points: usize = (1..=100u64)
+        .map(|id| {
+            let name: String = (0..20)
+                .map(|i| format!("part {i:02} of {id:03} "))
+                .collect();
+            cdc_indexer::mapping::chunk_text(name.trim(), 20, 0).len()
+        })
+        .sum();
+    assert_eq!(w.index().await.count(None).await, points as u64);
+    assert!(w.drain_dlq().await.is_empty());
+    let _ = conn.close(200, "ok".into()).await;
+    w.cleanup().await;
+}

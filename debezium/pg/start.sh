@@ -17,6 +17,13 @@ if [ "$(id -u)" = 0 ] && ! id "$PG_OS_USER" >/dev/null 2>&1; then
   pg_die "running as root but OS user '$PG_OS_USER' does not exist (postgres refuses to run as root); set PG_OS_USER"
 fi
 
+# Tests start the cluster from parallel threads: one start at a time (the others then find it
+# running), or two would race through initdb on the same directory. The server must not
+# inherit the lock (9>&- below), or it would hold it for ever.
+mkdir -p "$(dirname "$PGDATA_CDC")"
+exec 9>"$PGDATA_CDC.start.lock"
+flock 9
+
 if pg_is_running; then
   pg_log "already running: $PGDATA_CDC (port $PGPORT_CDC)"
 else
@@ -59,7 +66,7 @@ CONF
   pg_log "starting on $PGHOST_CDC:$PGPORT_CDC (data $PGDATA_CDC, log $PGDATA_CDC/server.log)"
   # The port is passed on the command line so PGPORT_CDC can change without re-initialising.
   as_pg_owner "$PGBIN/pg_ctl" -D "$PGDATA_CDC" -l "$PGDATA_CDC/server.log" -w -t 60 \
-    -o "-p $PGPORT_CDC -c wal_level=logical" start >/dev/null \
+    -o "-p $PGPORT_CDC -c wal_level=logical" start >/dev/null 9>&- \
     || { tail -n 30 "$PGDATA_CDC/server.log" >&2 || true; pg_die "pg_ctl start failed"; }
 fi
 
