@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cdc_indexer::broker::dead_letter::{DeadLetter, DeadLetterPublisher};
 use common::*;
@@ -644,6 +644,102 @@ async fn a_crash_while_one_batch_is_written_and_the_next_embedded_loses_nothing(
     assert!(w.drain_dlq().await.is_empty());
     println!(
         "overlap crash: {acked_before_crash} events acked before the crash, exact after the restart"
+    );
+    w.cleanup().await;
+}
+
+/// An index that refuses every write request, whatever it holds (here: a request-size limit
+/// too small for any document, as a proxy in front of the service could set), is not the
+/// events' fault. Batches of one event, the usual case at low traffic, must not be
+/// dead-lettered one after the other: the daemon writes a canary document, sees it refused
+/// too, and waits with intake paused (not ready). Once the index takes writes again,
+/// everything is indexed and nothing is in the DLQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_that_refuses_every_write_pauses_intake_instead_of_dead_lettering() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let mut service = PythonIndexer::start_on_with(
+        dir.path(),
+        port,
+        &[("PYTHON_INDEXER_MAX_BODY_BYTES", "1000")],
+    );
+    let w = World::new(
+        "refuses-all",
+        PRODUCTS,
+        "[pipeline]\nretry_initial_ms = 200\nretry_max_ms = 1000\n",
+    );
+    let text = std::fs::read_to_string(&w.config_path).expect("config");
+    let text = text.replace(
+        &format!(
+            "[sink]\npath = \"{}\"",
+            w.dir.path().join("index").display()
+        ),
+        "",
+    ) + &format!("[sink]\nkind = \"llamaindex\"\nurl = \"http://127.0.0.1:{port}\"\n");
+    std::fs::write(&w.config_path, text).expect("config");
+    w.declare().await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    // One event at a time: each is a batch of its own.
+    for id in 1..=3u64 {
+        publish_all(
+            &w,
+            &[Change {
+                id,
+                op: "c",
+                lsn: 10 + id,
+            }],
+        )
+        .await;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let start = Instant::now();
+    while d.metric_sum("cdc_indexer_consumer_paused") < 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "intake never paused: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(d.get("/readyz").map(|r| r.0), Some(503));
+    assert_eq!(
+        d.metric_sum("cdc_indexer_dead_lettered_total"),
+        0.0,
+        "events dead-lettered for the index's refusal: {}",
+        d.log()
+    );
+    // The index takes writes again.
+    service.stop();
+    let _service = PythonIndexer::start_on(dir.path(), port);
+    d.wait_processed(3.0, Duration::from_secs(60));
+    assert!(d.sigterm().success());
+    assert!(w.drain_dlq().await.is_empty(), "nothing dead-lettered");
+    let mut config = w.config();
+    config.sink.url = format!("http://127.0.0.1:{port}");
+    let sink = cdc_indexer::sink::from_config(&config).await.expect("sink");
+    let changes: Vec<Change> = (1..=3u64)
+        .map(|id| Change {
+            id,
+            op: "c",
+            lsn: 10 + id,
+        })
+        .collect();
+    let points: usize = expected(&changes)
+        .values()
+        .map(|(_, text)| cdc_indexer::mapping::chunk_text(text, 60, 10).len())
+        .sum();
+    assert_eq!(
+        sink.count(Some("public.products")).await.expect("count"),
+        points as u64
+    );
+    assert_eq!(
+        sink.count(Some(cdc_indexer::pipeline::CANARY_TABLE))
+            .await
+            .expect("count"),
+        0,
+        "the canary is deleted"
     );
     w.cleanup().await;
 }

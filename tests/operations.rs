@@ -322,7 +322,9 @@ async fn a_connection_closed_during_a_long_batch_is_noticed_at_once() {
         noticed < Duration::from_secs(1),
         "noticed only after {noticed:?}"
     );
-    wait_drained(&w, &mut d).await;
+    // Every delivery of the lost session comes back and is received twice: wait for the
+    // 100 to be processed, not for received = processed.
+    d.wait_processed(100.0, Duration::from_secs(300));
     assert!(d.sigterm().success());
     let points: usize = (1..=100u64)
         .map(|id| {
@@ -336,4 +338,137 @@ async fn a_connection_closed_during_a_long_batch_is_noticed_at_once() {
     assert!(w.drain_dlq().await.is_empty());
     let _ = conn.close(200, "ok".into()).await;
     w.cleanup().await;
+}
+
+/// A dead-letter queue that refuses what it is sent (full, `reject-publish`) pauses intake
+/// with the poison's batch unacked, in the same session: no reconnect, so no delivery is
+/// returned and charged against `x-delivery-limit` (a session torn down and reopened every
+/// second would charge every prefetched delivery each time, until the broker dead-letters
+/// healthy ones). Once the DLQ takes messages again, the poison is dead-lettered and the
+/// rest indexed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dlq_that_refuses_dead_letters_pauses_intake_without_returning_deliveries() {
+    let w = World::new(
+        "dlq-refuses",
+        PRODUCTS,
+        "[pipeline]\nretry_initial_ms = 100\nretry_max_ms = 1000\n",
+    );
+    w.declare().await;
+    let policy = format!("{}-full", w.name);
+    let set = Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "set_policy",
+            "--apply-to",
+            "queues",
+            &policy,
+            &format!("^{}$", regex_escape(&w.dlq)),
+            r#"{"max-length":0,"overflow":"reject-publish"}"#,
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(set.status.success(), "{set:?}");
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    for id in 1..=20u64 {
+        w.publish(&ch, "dbserver1.public.products", &event(id, id))
+            .await;
+    }
+    w.publish(
+        &ch,
+        "dbserver1.public.products",
+        b"this is not a Debezium event",
+    )
+    .await;
+    for id in 21..=40u64 {
+        w.publish(&ch, "dbserver1.public.products", &event(id, id))
+            .await;
+    }
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    let start = std::time::Instant::now();
+    while d.metric_sum("cdc_indexer_consumer_paused") < 1.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "intake never paused: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.get("/readyz").map(|r| r.0), Some(503));
+    // Refused for a while: retried in place, the session kept.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(d.metric_sum("cdc_indexer_retries_total") >= 2.0);
+    assert_eq!(
+        d.metric_sum("cdc_indexer_broker_reconnects_total"),
+        0.0,
+        "the session was torn down (and every prefetched delivery returned): {}",
+        d.log()
+    );
+    let clear = Command::new("rabbitmqctl")
+        .args(["-q", "clear_policy", &policy])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(clear.status.success(), "{clear:?}");
+    d.wait_processed(41.0, Duration::from_secs(60));
+    assert_eq!(d.metric_sum("cdc_indexer_consumer_paused"), 0.0);
+    assert_eq!(d.metric_sum("cdc_indexer_broker_reconnects_total"), 0.0);
+    assert_eq!(d.metric_sum("cdc_indexer_redelivered_total"), 0.0);
+    assert!(d.sigterm().success());
+    let dlq = w.drain_dlq().await;
+    assert_eq!(dlq.len(), 1, "the poison, once");
+    assert_eq!(w.index().await.count(None).await, 40);
+    let _ = conn.close(200, "ok".into()).await;
+    w.cleanup().await;
+}
+
+/// A dead-letter queue unbound from its exchange behind the daemon's back: the dead letter
+/// comes back unroutable, the daemon binds the queue again and publishes it, in the same
+/// session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unbound_dlq_is_bound_again_without_losing_the_session() {
+    let w = World::new("dlq-unbound", PRODUCTS, "");
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    ch.queue_unbind(
+        w.dlq.as_str().into(),
+        w.dlx.as_str().into(),
+        "".into(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("unbind");
+    w.publish(&ch, "dbserver1.public.products", &event(1, 1))
+        .await;
+    w.publish(&ch, "dbserver1.public.products", b"not an event")
+        .await;
+    w.publish(&ch, "dbserver1.public.products", &event(2, 2))
+        .await;
+    d.wait_processed(3.0, Duration::from_secs(60));
+    assert!(d.metric_sum("cdc_indexer_dead_letters_unroutable_total") >= 1.0);
+    assert_eq!(
+        d.metric_sum("cdc_indexer_broker_reconnects_total"),
+        0.0,
+        "{}",
+        d.log()
+    );
+    assert!(d.sigterm().success());
+    assert_eq!(w.drain_dlq().await.len(), 1);
+    assert_eq!(w.index().await.count(None).await, 2);
+    let _ = conn.close(200, "ok".into()).await;
+    w.cleanup().await;
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                vec![c]
+            } else {
+                vec!['\\', c]
+            }
+        })
+        .collect()
 }

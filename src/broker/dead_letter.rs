@@ -6,10 +6,14 @@
 //!
 //! Publishes are `mandatory`: a dead letter the DLX cannot route to any queue (its binding
 //! was removed) comes back as `basic.return` before the confirm, and is then an error, never
-//! a confirmed dead letter: the original delivery stays unacked and nothing is lost.
+//! a confirmed dead letter: the original delivery stays unacked and nothing is lost. A
+//! publisher that knows its DLQ ([`DeadLetterPublisher::rebinding`]) binds it to the DLX
+//! again right away, so the caller's next attempt goes through. A dead letter the broker
+//! refuses (`basic.nack`: a full DLQ with `reject-publish`) is a transient error too: the
+//! pipeline retries it in place, intake paused, without giving up its session.
 
 use lapin::Confirmation;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
@@ -30,6 +34,8 @@ pub struct DeadLetter {
 pub struct DeadLetterPublisher {
     channel: Channel,
     exchange: String,
+    /// The DLQ to bind to the exchange again when a dead letter comes back unroutable.
+    queue: Option<String>,
     metrics: Option<std::sync::Arc<Metrics>>,
 }
 
@@ -49,8 +55,16 @@ impl DeadLetterPublisher {
         Ok(Self {
             channel,
             exchange: exchange.to_string(),
+            queue: None,
             metrics: None,
         })
+    }
+
+    /// Binds `queue` (the DLQ) to the exchange again whenever a dead letter comes back
+    /// unroutable, as the topology declares it (the binding is idempotent).
+    pub fn rebinding(mut self, queue: &str) -> Self {
+        self.queue = Some(queue.to_string());
+        self
     }
 
     /// Counts unroutable dead letters in `metrics` (`dead_letters_unroutable_total`).
@@ -130,6 +144,23 @@ impl DeadLetterPublisher {
                     }
                     .emit(metrics);
                 }
+                if let Some(queue) = &self.queue {
+                    // A failure here (the DLQ itself was deleted: 404) closes this channel;
+                    // the session then ends and the next one declares the whole topology.
+                    let bound = self
+                        .channel
+                        .queue_bind(
+                            queue.as_str().into(),
+                            self.exchange.as_str().into(),
+                            "".into(),
+                            QueueBindOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await;
+                    if bound.is_ok() {
+                        tracing::info!(queue = %queue, exchange = %self.exchange, "the dead-letter queue was unbound; bound it again");
+                    }
+                }
                 Err(StageError::transient(format!(
                     "the dead-letter exchange `{}` has no queue bound: the broker returned the \
                      dead letter as unroutable, so it was not kept and its message stays unacked; \
@@ -137,9 +168,15 @@ impl DeadLetterPublisher {
                     self.exchange
                 )))
             }
-            other => Err(StageError::transient(format!(
-                "the broker did not confirm a dead letter: {other:?}"
+            Confirmation::Nack(None) => Err(StageError::transient(format!(
+                "the broker refused a dead letter (basic.nack): the dead-letter queue behind \
+                 `{}` takes no more messages (full, with overflow reject-publish?); its message \
+                 stays unacked and intake is paused until it takes them",
+                self.exchange
             ))),
+            Confirmation::NotRequested => Err(StageError::transient(
+                "the broker did not confirm a dead letter (the channel is not in confirm mode)",
+            )),
         }
     }
 }

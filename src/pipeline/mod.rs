@@ -51,6 +51,7 @@ use crate::sink::Sink;
 pub use admit::REPAIR_HEADER;
 use admit::{Admission, Fate};
 use crash_guard::{CrashGuard, MessageId, Verdict, message_id};
+pub use process::CANARY_TABLE;
 
 /// The consumer tag of our consumer: the prefetch window is set when a consumer starts, so
 /// opening it after the crash suspects means a second consumer (`cdc-indexer-wide`).
@@ -75,6 +76,9 @@ pub struct Pipeline {
     consumer_tag: Mutex<&'static str>,
     /// Connectors a position regression was already warned about.
     regression_warned: Mutex<HashSet<String>>,
+    /// Batches acked since start: a session that acked nothing before it broke does not
+    /// reset the reconnect backoff.
+    acked_batches: std::sync::atomic::AtomicU64,
 }
 
 /// One broker session: a connection, the consuming channel, the dead-letter channel.
@@ -172,6 +176,7 @@ impl Pipeline {
             widen: std::sync::atomic::AtomicBool::new(false),
             consumer_tag: Mutex::new(CONSUMER_TAG),
             regression_warned: Mutex::new(HashSet::new()),
+            acked_batches: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -185,18 +190,32 @@ impl Pipeline {
                 break Ok(());
             }
             self.metrics.health.beat();
+            let acked_before = self
+                .acked_batches
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let opened = Instant::now();
             let result = match self.open_session().await {
                 Ok(session) => {
                     if !first {
                         self.metrics.reconnects.inc();
                     }
                     first = false;
-                    delay = Duration::from_millis(self.config.pipeline.retry_initial_ms);
                     tracing::info!(queue = %self.config.topology.queue, prefetch = self.config.broker.prefetch, "consuming");
                     self.consume(session).await
                 }
                 Err(e) => Err(e),
             };
+            // Every lost session returns the deliveries in hand, and the broker charges each
+            // return against `x-delivery-limit`: a session that breaks again and again before
+            // it gets anything done must not be reopened at the shortest delay each time.
+            if self
+                .acked_batches
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > acked_before
+                || opened.elapsed() >= Duration::from_secs(60)
+            {
+                delay = Duration::from_millis(self.config.pipeline.retry_initial_ms);
+            }
             self.metrics.set_connected(false);
             match result {
                 Ok(()) => break Ok(()),
@@ -247,6 +266,7 @@ impl Pipeline {
         let dead_letters =
             DeadLetterPublisher::open(&connection, &self.config.topology.dead_letter_exchange)
                 .await?
+                .rebinding(&self.config.topology.dead_letter_queue)
                 .with_metrics(Arc::clone(&self.metrics));
         let lost = broker::watch_connection(&connection, Arc::clone(&self.metrics));
         let consumer = channel

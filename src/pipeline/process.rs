@@ -12,8 +12,10 @@
 //! (found by bisecting the batch's documents: halves written until one document is refused
 //! alone) dead-letters its delivery only. The batch is then coalesced again without it and
 //! written, so the key's earlier events in the batch still apply: the index holds the last
-//! valid state, never a state the stream did not have. A rejection that every document gets
-//! on its own is not the documents' fault: fatal. Then the whole batch is acked with one
+//! valid state, never a state the stream did not have. Before documents refused alone are
+//! blamed, a canary document of ours is written: if the index refuses it too, it refuses
+//! requests, not rows, and the batch waits (transient: retried, intake paused, not ready)
+//! until the index takes writes again. Then the whole batch is acked with one
 //! `basic.ack(multiple=true)` up to its highest tag.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -183,7 +185,10 @@ pub(super) async fn commit(
                     None => {
                         WriteRejected { error: &e }.emit(&p.metrics);
                         dead.extend(
-                            isolate_rejected(p, &work.coalesced, &work.states, &work.write).await?,
+                            p.retry("sink", || {
+                                isolate_rejected(p, &work.coalesced, &work.states, &work.write)
+                            })
+                            .await?,
                         );
                     }
                 }
@@ -239,15 +244,19 @@ async fn acknowledge(
     };
     for (&i, letter) in &dead {
         let d = &deliveries[i];
-        out.dead_letters
-            .publish(
+        // A dead letter the broker does not take (unroutable, refused) is retried here, in
+        // this session, intake paused: giving up the session would return every delivery in
+        // hand, and each return counts against `x-delivery-limit`.
+        p.retry("dead-letter", || {
+            out.dead_letters.publish(
                 &d.data,
                 &d.properties,
                 d.exchange.as_str(),
                 d.routing_key.as_str(),
                 letter,
             )
-            .await?;
+        })
+        .await?;
         fates[i].outcome = "dead_lettered";
         DeadLettered {
             table: &fates[i].table,
@@ -261,6 +270,8 @@ async fn acknowledge(
         .basic_ack(last_tag, BasicAckOptions { multiple: true })
         .await
         .map_err(|e| amqp_error("basic.ack", e))?;
+    p.acked_batches
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let now_ms = chrono::Utc::now().timestamp_millis();
     for (fate, at) in fates.iter().zip(&received) {
         EventProcessed {
@@ -350,7 +361,9 @@ async fn apply(p: &Pipeline, coalesced: &Coalesced) -> Result<Applied, StageErro
                 )));
             }
             WriteRejected { error: &e }.emit(&p.metrics);
-            let culprits = isolate_rejected(p, coalesced, &states, &write).await?;
+            let culprits = p
+                .retry("sink", || isolate_rejected(p, coalesced, &states, &write))
+                .await?;
             Ok(Applied::Culprits(culprits))
         }
         Err(e) => Err(e),
@@ -443,13 +456,15 @@ async fn isolate_rejected(
     }
     let ops = coalesced.ops.clone();
     bisect(p, &ops, &snapshot, &vectors, &mut culprits).await?;
-    if ops.len() > 1 && culprits.len() >= ops.len() {
-        return Err(StageError::fatal(format!(
-            "the index refuses every document of the batch, each one alone too ({} of them): \
-             the refusal is about the requests, not the rows; check the sink's configuration \
-             and version. Last answer: {}",
-            ops.len(),
-            culprits.last().map_or("", |(_, r)| r.as_str())
+    if let Some((_, answer)) = culprits.last()
+        && let Some(refusal) = canary_refused(p).await?
+    {
+        // Refused alone, and a plain document of ours is refused too: the index refuses
+        // requests, not these rows. Wait (intake paused) until it takes writes again.
+        return Err(StageError::transient(format!(
+            "the index refuses every write, a one-chunk canary document too, so no event is \
+             at fault: check the sink's configuration, version and any proxy in front of it \
+             (request size limits). Its answer to the canary: {refusal}; to the batch: {answer}"
         )));
     }
     Ok(culprits
@@ -464,6 +479,65 @@ async fn isolate_rejected(
             )
         })
         .collect())
+}
+
+/// The table of the canary document: no source table can have this name (its schema part
+/// starts with `__cdc_indexer`), and the canary is deleted again right after it is written.
+pub const CANARY_TABLE: &str = "__cdc_indexer.canary";
+
+/// Writes a small one-chunk document of our own, then deletes it: `Some(answer)` when the
+/// index refuses it. This tells a document the index refuses (the canary goes through) from
+/// an index that refuses every request (the canary is refused too).
+async fn canary_refused(p: &Pipeline) -> Result<Option<String>, StageError> {
+    let text = "cdc-indexer canary: a one-chunk document written to check the index takes writes";
+    let texts = vec![text.to_string()];
+    // No retries of their own in here: a transient failure is the caller's to retry (it
+    // runs under `Pipeline::retry`), and one pause is reported once.
+    let vector = match p.embedder.embed(&texts).await {
+        Ok(mut v) if v.len() == 1 => v.swap_remove(0),
+        Err(e) if e.kind != ErrorKind::Poison => return Err(e),
+        // The embedder refuses our own text: it cannot tell, so the documents keep the blame.
+        _ => return Ok(None),
+    };
+    let key = DocumentKey {
+        table: CANARY_TABLE.to_string(),
+        key: r#"{"id":0}"#.to_string(),
+    };
+    let hash = crate::mapping::text_hash(text);
+    let payload = crate::stored::commit_payload(
+        crate::stored::CommitMeta {
+            key: &key,
+            chunks: 1,
+            hash: Some(&hash),
+            position: None,
+            source_ts_ms: None,
+        },
+        &crate::model::Row::new(),
+        &crate::model::Row::new(),
+        text,
+    );
+    let write = Arc::new(Write {
+        upserts: vec![crate::sink::Point {
+            id: key.point_id(0),
+            vector,
+            payload,
+        }],
+        ..Write::default()
+    });
+    match p.sink.write(write).await {
+        Ok(()) => {}
+        Err(e) if e.kind == ErrorKind::Poison => return Ok(Some(e.message)),
+        Err(e) => return Err(e),
+    }
+    let remove = Arc::new(Write {
+        delete_keys: vec![key],
+        ..Write::default()
+    });
+    match p.sink.write(remove).await {
+        Ok(()) => Ok(None),
+        Err(e) if e.kind == ErrorKind::Poison => Ok(Some(e.message)),
+        Err(e) => Err(e),
+    }
 }
 
 async fn bisect(
