@@ -588,13 +588,14 @@ impl Config {
         if r.interval_s > 0 && r.source_url.as_deref().is_none_or(str::is_empty) {
             return Err("reconcile.source_url: required when reconcile.interval_s is set (the database to compare the index with, e.g. postgres://reconcile@db:5432/app)".into());
         }
-        if let Some(url) = r.source_url.as_deref()
-            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
-        {
-            return Err(format!(
-                "reconcile.source_url: expected a postgres:// URL, got `{}`",
-                redact_url(url)
-            ));
+        if let Some(url) = r.source_url.as_deref().filter(|u| !u.is_empty()) {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(format!(
+                    "reconcile.source_url: expected a postgres:// URL, got `{}`",
+                    redact_url(url)
+                ));
+            }
+            check_url("reconcile.source_url", url, &["postgres", "postgresql"])?;
         }
         for (i, table) in r.tables.iter().enumerate() {
             if !self.tables.iter().any(|t| &t.table == table) {
@@ -1009,6 +1010,14 @@ text = "{name}\n\n{description}"
             "{e}"
         );
         assert!(!e.contains("secret"), "redacted: {e}");
+        // A password with an unencoded `/` makes the URL unparseable: refused at start
+        // (exit 2), never retried at every run, and nothing of it is printed.
+        let e = with("source_url = \"postgres://u:se/cr#et@h:5432/db\"").unwrap_err();
+        assert!(e.contains("reconcile.source_url: not a valid URL"), "{e}");
+        assert!(
+            !e.contains("se/cr") && !e.contains("cr#et"),
+            "redacted: {e}"
+        );
         let e = with("tables = [\"public.orders\"]").unwrap_err();
         assert!(
             e.contains("reconcile.tables[0]: `public.orders` has no [[tables]] rule"),

@@ -69,6 +69,9 @@ pub fn check(config: &Config, host: bool) -> Vec<String> {
     {
         secret_file("http.search_token_file", file, &mut problems);
     }
+    if let Some(file) = &config.reconcile.password_file {
+        secret_file("reconcile.password_file", file, &mut problems);
+    }
     problems
 }
 

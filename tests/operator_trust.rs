@@ -322,6 +322,18 @@ fn check_config_refuses_what_run_would_refuse_and_run_refuses_it_the_same_way() 
             "broker.password_file: cannot read /nonexistent/pw",
         ),
         (
+            "reconcile password file missing",
+            format!("{config}\n[reconcile]\npassword_file = \"/nonexistent/source-pw\"\n"),
+            "reconcile.password_file: cannot read /nonexistent/source-pw",
+        ),
+        (
+            "reconcile source URL that does not parse",
+            format!(
+                "{config}\n[reconcile]\nsource_url = \"postgres://u:p/ss@127.0.0.1:5432/db\"\n"
+            ),
+            "reconcile.source_url: not a valid URL",
+        ),
+        (
             "index path under a file",
             config.replace(
                 &index_line,
@@ -488,6 +500,50 @@ async fn search_is_off_by_default_and_on_its_own_port_behind_a_token_when_asked_
     assert!(out.status.success(), "{}", text(&out));
     let hits: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(hits[0]["key"], r#"{"id":4}"#);
+    let _ = conn.close(200, "ok".into()).await;
+    w.cleanup().await;
+}
+
+/// `x-cdc-repair` sets the stale guard aside (`reset-position`, `rewrite`): only
+/// `reconcile --repair` may use it, and it publishes to our queue itself (the default
+/// exchange). The same header on an event that came through the CDC exchange — anyone who
+/// may publish there, or a misconfigured producer — is refused: dead-lettered with the
+/// reason, the index untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_header_through_the_cdc_exchange_is_refused() {
+    use lapin::options::BasicPublishOptions;
+    let w = World::new("repair-header", PRODUCTS, "");
+    w.declare().await;
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    // The row at a newer position first, then an older one that claims a position reset.
+    w.publish(&ch, "dbserver1.public.products", &event(1)).await;
+    let mut old = serde_json::from_slice::<serde_json::Value>(&event(1)).expect("json");
+    old["after"]["name"] = "an old name that must not win".into();
+    old["source"]["lsn"] = 5.into();
+    ch.basic_publish(
+        w.exchange.as_str().into(),
+        "dbserver1.public.products".into(),
+        BasicPublishOptions::default(),
+        old.to_string().as_bytes(),
+        lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers(&[("x-cdc-repair", "reset-position")])),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    d.wait_processed(2.0, Duration::from_secs(60));
+    assert!(d.sigterm().success());
+    let dlq = w.drain_dlq().await;
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0].1["x-cdc-error-kind"], "decode");
+    assert!(dlq[0].1["x-cdc-error"].contains("x-cdc-repair"), "{dlq:?}");
+    let doc = w.index().await.doc("public.products", "{\"id\":1}").await;
+    assert_eq!(doc[0].payload["name"], "a tent for 1 people");
     let _ = conn.close(200, "ok".into()).await;
     w.cleanup().await;
 }

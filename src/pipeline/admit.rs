@@ -87,6 +87,16 @@ pub(super) fn admit(p: &Pipeline, origin: usize, d: &Delivery) -> (Fate, Admissi
     let key_header = |name: &str| header(headers, name).map(header_text);
     let repair = match key_header(REPAIR_HEADER).map(|h| Repair::parse(&h)) {
         None => Repair::default(),
+        // A repair sets the stale guard aside: only `reconcile --repair` may ask for one,
+        // and it publishes to our queue itself (the default exchange), as `dlq replay` does.
+        Some(_) if !d.exchange.as_str().is_empty() => {
+            let reason = format!(
+                "header {REPAIR_HEADER} is accepted only on messages published to the queue \
+                 itself (reconcile --repair), not through the exchange `{}`",
+                d.exchange.as_str()
+            );
+            return (fate, dead("decode", reason));
+        }
         Some(Ok(r)) => r,
         Some(Err(reason)) => return (fate, dead("decode", reason)),
     };

@@ -257,7 +257,7 @@ impl Sink for EmbeddedSink {
                 .map_err(|e| StageError::fatal(format!("cannot open {}: {e}", lock_path.display())))?;
             if lock.try_lock().is_err() {
                 return Err(StageError::fatal(format!(
-                    "the embedded index at {} is open in another process (lock {}); stop it, or query it through its /search",
+                    "the embedded index at {} is open in another process (lock {}): it belongs to the running daemon; `search` and `reconcile` reach it through that daemon's search port (set http.search_listen, and the same in this command's config), or stop the daemon",
                     path.display(),
                     lock_path.display()
                 )));
