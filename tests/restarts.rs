@@ -244,7 +244,9 @@ async fn twenty_sigterm_restarts_return_nothing_they_could_finish() {
     for round in 0..20 {
         let mut d = w.start_with(&PREFETCH);
         d.wait_ready(Duration::from_secs(60));
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..2500))).await;
+        // At least a second: what the previous stop returned comes first and is counted as
+        // it is received, so none of it is missed by reading too early.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1000..3500))).await;
         returned += d.metric_sum("cdc_indexer_redelivered_total");
         let stopping = Instant::now();
         let status = d.sigterm_within(Duration::from_secs(90));

@@ -112,15 +112,19 @@ pub fn decode_key_header(text: &str) -> Result<Row, DecodeError> {
     }
 }
 
-/// Parses JSON, keeping integers beyond 64 bits exact (as decimal text).
+/// Parses JSON, keeping every number's value exact: integers beyond 64 bits and decimals an
+/// `f64` cannot hold become their decimal text.
 pub fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
-    serde_json::from_str(&quote_wide_integers(text))
+    serde_json::from_str(&quote_inexact_numbers(text))
 }
 
-/// Puts quotes around every integer literal outside strings that does not fit in an `i64`, so
-/// that serde reads it as its exact text instead of an `f64` (`123456789012345678901234567890`
-/// and `…891` would otherwise be one number). Everything else is left byte for byte.
-fn quote_wide_integers(text: &str) -> std::borrow::Cow<'_, str> {
+/// Puts quotes around every number literal outside strings whose value serde would change:
+/// an integer that does not fit in an `i64` (`123456789012345678901234567890` and `…891`
+/// would otherwise be one number), or a decimal an `f64` does not hold as written
+/// (`12345678901234567890.1234567890` from JsonConverter's `decimal.format=NUMERIC`, or a
+/// value that over- or underflows). serde then reads it as its exact text. A decimal the
+/// `f64` holds (`1.5`, `1.50`, `1.0E-5`) stays a number. Everything else is left byte for byte.
+fn quote_inexact_numbers(text: &str) -> std::borrow::Cow<'_, str> {
     let bytes = text.as_bytes();
     let mut out: Option<String> = None;
     let mut copied = 0;
@@ -151,20 +155,26 @@ fn quote_wide_integers(text: &str) -> std::borrow::Cow<'_, str> {
                     i += 1;
                 }
                 let is_integer = !matches!(bytes.get(i), Some(b'.' | b'e' | b'E'));
+                // The rest of a decimal literal.
+                while !is_integer
+                    && i < bytes.len()
+                    && matches!(bytes[i], b'.' | b'e' | b'E' | b'+' | b'-' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
                 let literal = &text[start..i];
-                if is_integer && literal.len() > 18 && literal.parse::<i64>().is_err() {
+                let inexact = if is_integer {
+                    literal.len() > 18 && literal.parse::<i64>().is_err()
+                } else {
+                    !f64_holds(literal)
+                };
+                if inexact {
                     let buf = out.get_or_insert_with(|| String::with_capacity(text.len() + 16));
                     buf.push_str(&text[copied..start]);
                     buf.push('"');
                     buf.push_str(literal);
                     buf.push('"');
                     copied = i;
-                }
-                // Skip the rest of a float literal.
-                while i < bytes.len()
-                    && matches!(bytes[i], b'.' | b'e' | b'E' | b'+' | b'-' | b'0'..=b'9')
-                {
-                    i += 1;
                 }
             }
             _ => i += 1,
@@ -177,6 +187,47 @@ fn quote_wide_integers(text: &str) -> std::borrow::Cow<'_, str> {
         }
         None => std::borrow::Cow::Borrowed(text),
     }
+}
+
+/// Whether the `f64` nearest to the decimal `literal` is the same number: its shortest
+/// representation has the same digits and exponent (`1.50` = `1.5`; not
+/// `0.1000000000000000055511151231257827`, nor anything that over- or underflows).
+fn f64_holds(literal: &str) -> bool {
+    let Ok(x) = literal.parse::<f64>() else {
+        return false;
+    };
+    if !x.is_finite() {
+        return false;
+    }
+    match (decimal_digits(literal), decimal_digits(&format!("{x:e}"))) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// A decimal literal as (negative, significant digits, exponent of the last digit), without
+/// leading or trailing zeros; every zero is `(false, "", 0)`.
+fn decimal_digits(literal: &str) -> Option<(bool, String, i64)> {
+    let (negative, unsigned) = match literal.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, literal),
+    };
+    let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
+        Some(at) => (&unsigned[..at], unsigned[at + 1..].parse::<i64>().ok()?),
+        None => (unsigned, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let mut digits: String = whole.chars().chain(fraction.chars()).collect();
+    let mut exponent = exponent.checked_sub(i64::try_from(fraction.len()).ok()?)?;
+    while digits.ends_with('0') {
+        digits.pop();
+        exponent += 1;
+    }
+    let digits = digits.trim_start_matches('0').to_string();
+    if digits.is_empty() {
+        return Some((false, String::new(), 0));
+    }
+    Some((negative, digits, exponent))
 }
 
 enum Envelope {

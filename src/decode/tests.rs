@@ -662,3 +662,20 @@ fn deep_nesting_is_an_error_not_a_crash() {
     let body = "[".repeat(100_000);
     assert!(decode(body.as_bytes(), "a.b.c").is_err());
 }
+
+#[test]
+fn decimals_an_f64_cannot_hold_keep_their_exact_text() {
+    // Kafka Connect's JsonConverter writes decimals as JSON numbers with
+    // `decimal.format=NUMERIC`: a numeric(38,10) value has more digits than an f64 holds.
+    let body = r#"{"op":"c","source":{"name":"s","schema":"public","table":"t","lsn":1},"after":{"id":1,"big":12345678901234567890.1234567890,"pi":3.14159265358979323846264338327950288,"tiny":1e-400,"plain":1.5,"trailing":1.50,"java":1.0E-5,"neg":-0.1}}"#;
+    let change = change_of(body);
+    let row = row_of(&change);
+    assert_eq!(row["big"], json!("12345678901234567890.1234567890"));
+    assert_eq!(row["pi"], json!("3.14159265358979323846264338327950288"));
+    assert_eq!(row["tiny"], json!("1e-400"), "would underflow to 0");
+    // Values an f64 holds exactly as written stay numbers.
+    assert_eq!(row["plain"], json!(1.5));
+    assert_eq!(row["trailing"], json!(1.5), "the same value as 1.5");
+    assert_eq!(row["java"], json!(1.0e-5));
+    assert_eq!(row["neg"], json!(-0.1));
+}
