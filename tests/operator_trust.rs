@@ -470,6 +470,21 @@ async fn search_is_off_by_default_and_on_its_own_port_behind_a_token_when_asked_
         Some(401)
     );
     let client = reqwest::Client::new();
+    // reconcile's views of the index return row payloads too: the same token.
+    for path in ["/index/states", "/index/scan"] {
+        let refused = client
+            .post(format!("http://{search}{path}"))
+            .json(&serde_json::json!({"keys": [], "table": "public.products"}))
+            .send()
+            .await
+            .expect(path);
+        assert_eq!(refused.status().as_u16(), 401, "{path} without the token");
+        assert_eq!(
+            d.get(path).map(|(s, _)| s),
+            Some(404),
+            "{path} is not on the side port"
+        );
+    }
     let answer: serde_json::Value = client
         .get(format!("http://{search}/search"))
         .query(&[("q", "a tent")])

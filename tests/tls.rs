@@ -362,6 +362,16 @@ struct HttpsIndexer {
 
 impl HttpsIndexer {
     async fn start(dir: &Path, pki: &Pki, api_key: Option<&str>) -> HttpsIndexer {
+        Self::start_with(dir, pki, api_key, false).await
+    }
+
+    /// `require_client_cert`: uvicorn asks every client for a certificate of our CA.
+    async fn start_with(
+        dir: &Path,
+        pki: &Pki,
+        api_key: Option<&str>,
+        require_client_cert: bool,
+    ) -> HttpsIndexer {
         let port = free_port();
         let log = dir.join(format!("python-indexer-{port}.log"));
         let mut command = Command::new(format!("{REPO}/python-indexer/run.sh"));
@@ -383,14 +393,22 @@ impl HttpsIndexer {
             Some(key) => command.env("PYTHON_INDEXER_API_KEY", key),
             None => command.env_remove("PYTHON_INDEXER_API_KEY"),
         };
+        if require_client_cert {
+            // ssl.CERT_REQUIRED
+            command.args(["--ssl-cert-reqs", "2", "--ssl-ca-certs", path_str(&pki.ca)]);
+        }
         let mut me = HttpsIndexer {
             child: command.spawn().expect("python-indexer"),
             url: format!("https://127.0.0.1:{port}"),
             log,
         };
-        let ca = reqwest::Certificate::from_pem(&std::fs::read(&pki.ca).expect("ca")).expect("pem");
-        let client = reqwest::Client::builder()
-            .add_root_certificate(ca)
+        let files = cdc_indexer::config::TlsFiles {
+            ca_file: Some(pki.ca.clone()),
+            client_cert_file: require_client_cert.then(|| pki.client_cert.clone()),
+            client_key_file: require_client_cert.then(|| pki.client_key.clone()),
+        };
+        let client = cdc_indexer::tls::http(reqwest::Client::builder(), "test", &files)
+            .expect("tls")
             .build()
             .expect("client");
         let start = Instant::now();
@@ -573,5 +591,72 @@ async fn a_wrong_or_missing_python_indexer_api_key_is_fatal_at_start() {
     let mut d = start_with_env(&w, &env(Some("the-right-key")));
     d.wait_ready(Duration::from_secs(60));
     assert!(d.sigterm().success());
+    w.cleanup().await;
+}
+
+/// A service that asks for a client certificate (mutual TLS): the HTTP embedder and the
+/// llamaindex sink present `tls_client_cert_file` + `tls_client_key_file`. Without them the
+/// service refuses us; never as the input's fault (under TLS 1.3 the refusal may arrive as a
+/// bare reset, retried like one: see README, TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_embedder_and_llamaindex_sink_present_a_client_certificate() {
+    let pki = pki();
+    let dir = tempfile::tempdir().expect("tmp");
+    let service = HttpsIndexer::start_with(dir.path(), &pki, None, true).await;
+    let mut config = cdc_indexer::config::EmbeddingConfig {
+        provider: cdc_indexer::config::EmbeddingProvider::Http,
+        url: format!("{}/v1", service.url),
+        tls_ca_file: Some(pki.ca.clone()),
+        tls_client_cert_file: Some(pki.client_cert.clone()),
+        tls_client_key_file: Some(pki.client_key.clone()),
+        ..Default::default()
+    };
+    use cdc_indexer::embed::Embedder;
+    let embedder = cdc_indexer::embed::http::HttpEmbedder::new(&config).expect("embedder");
+    let vectors = embedder
+        .embed(&["a tent".to_string()])
+        .await
+        .expect("https embed with a client certificate");
+    assert_eq!(vectors[0].len(), 384);
+    config.tls_client_cert_file = None;
+    config.tls_client_key_file = None;
+    let embedder = cdc_indexer::embed::http::HttpEmbedder::new(&config).expect("embedder");
+    let err = embedder
+        .embed(&["a tent".to_string()])
+        .await
+        .expect_err("no client certificate");
+    assert_ne!(err.kind, ErrorKind::Poison, "{err}");
+
+    // The daemon's llamaindex sink: with the certificate it is ready, and indexes.
+    let w = World::new("tls-client-cert", PRODUCTS, "");
+    let env = vec![
+        ("CDC_INDEXER__SINK__KIND", "llamaindex".to_string()),
+        ("CDC_INDEXER__SINK__URL", service.url.clone()),
+        (
+            "CDC_INDEXER__SINK__TLS_CA_FILE",
+            pki.ca.display().to_string(),
+        ),
+        (
+            "CDC_INDEXER__SINK__TLS_CLIENT_CERT_FILE",
+            pki.client_cert.display().to_string(),
+        ),
+        (
+            "CDC_INDEXER__SINK__TLS_CLIENT_KEY_FILE",
+            pki.client_key.display().to_string(),
+        ),
+    ];
+    let mut d = start_with_env(&w, &env);
+    d.wait_ready(Duration::from_secs(60));
+    let conn = connect().await;
+    let ch = confirm_channel(&conn).await;
+    let body = serde_json::json!({"op": "c", "after": {"id": 1, "name": "a tent"},
+        "source": {"name": "dbserver1", "schema": "public", "table": "products", "lsn": 10}})
+    .to_string();
+    w.publish(&ch, "dbserver1.public.products", body.as_bytes())
+        .await;
+    d.wait_processed(1.0, Duration::from_secs(60));
+    assert!(d.sigterm().success());
+    assert!(w.drain_dlq().await.is_empty());
+    let _ = conn.close(200, "ok".into()).await;
     w.cleanup().await;
 }

@@ -333,6 +333,20 @@ def test_configmap_config_is_consistent():
     assert config["tables"], "at least one [[tables]] rule"
 
 
+def test_shipped_configs_keep_the_search_port_off():
+    """/search and /index/* return row payloads: no shipped config turns them on."""
+    for name, config in [("k8s configmap", configmap_toml()), ("compose", compose_config())]:
+        assert "search_listen" not in config.get("http", {}), name
+    env = [
+        line
+        for line in (DEPLOY / "systemd" / "env.example").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert not [line for line in env if "SEARCH_LISTEN" in line], env
+    compose_env = json.dumps(compose()["services"]["cdc-indexer"].get("environment", {}))
+    assert "SEARCH_LISTEN" not in compose_env
+
+
 def test_service_servicemonitor_and_pdb():
     docs = k8s_docs()
     pod_labels = docs["Deployment"]["spec"]["template"]["metadata"]["labels"]
