@@ -52,7 +52,23 @@ fn free_port() -> u16 {
         .expect("port")
 }
 
-fn config_text(dir: &std::path::Path, table: &str, http: &str) -> String {
+/// The daemon binary: `--daemon PATH`, else the debug build next to this bench.
+fn daemon_binary() -> String {
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--daemon"
+            && let Some(path) = args.next()
+        {
+            return path;
+        }
+    }
+    format!(
+        "{}/debug/cdc-indexer",
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| format!("{REPO}/target"))
+    )
+}
+
+fn config_text(dir: &std::path::Path, table: &str, http: &str, search: &str) -> String {
     format!(
         r#"
 [topology]
@@ -68,6 +84,8 @@ onnxruntime_lib = "{REPO}/.models/onnxruntime/libonnxruntime.so"
 path = "{index}"
 [http]
 listen = "{http}"
+# reconcile reads the running daemon's index through its search port.
+search_listen = "{search}"
 [pipeline]
 state_dir = "{state}"
 [[tables]]
@@ -154,21 +172,18 @@ async fn load(config: &Config, rule: &CompiledRule) -> usize {
 /// Runs reconcile, sampling its RSS: (seconds, peak RSS in MiB, report).
 fn timed_reconcile(config: &std::path::Path) -> (f64, f64, serde_json::Value) {
     let started = Instant::now();
-    let child = Command::new(format!(
-        "{}/debug/cdc-indexer",
-        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| format!("{REPO}/target"))
-    ))
-    .args([
-        "--config",
-        &config.display().to_string(),
-        "reconcile",
-        "--json",
-    ])
-    .args(["--source", SOURCE])
-    .env("CDC_INDEXER_LOG", "warn")
-    .stdout(Stdio::piped())
-    .spawn()
-    .expect("reconcile");
+    let child = Command::new(daemon_binary())
+        .args([
+            "--config",
+            &config.display().to_string(),
+            "reconcile",
+            "--json",
+        ])
+        .args(["--source", SOURCE])
+        .env("CDC_INDEXER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("reconcile");
     let status_path = format!("/proc/{}/status", child.id());
     let sampler = std::thread::spawn(move || {
         let mut peak_kb = 0u64;
@@ -236,6 +251,8 @@ async fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
+    println!("daemon and reconcile: {}", daemon_binary());
+    let mut figures: Vec<(usize, f64, f64)> = Vec::new();
     let sizes = if sizes.is_empty() {
         vec![10_000, 100_000]
     } else {
@@ -251,7 +268,12 @@ async fn main() {
         ));
         let http = format!("127.0.0.1:{}", free_port());
         let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, config_text(dir.path(), &table, &http)).expect("config");
+        let search = format!("127.0.0.1:{}", free_port());
+        std::fs::write(
+            &config_path,
+            config_text(dir.path(), &table, &http, &search),
+        )
+        .expect("config");
         let config = Config::load(&config_path).expect("config");
         let rule = CompiledRule::new(&config.tables[0]).expect("rule");
         let started = Instant::now();
@@ -267,15 +289,12 @@ async fn main() {
             report["drift"]
         );
         // 2. Through a running daemon: the index lives in the daemon's process.
-        let mut daemon = Command::new(format!(
-            "{}/debug/cdc-indexer",
-            std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| format!("{REPO}/target"))
-        ))
-        .args(["--config", &config_path.display().to_string(), "run"])
-        .env("CDC_INDEXER_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("daemon");
+        let mut daemon = Command::new(daemon_binary())
+            .args(["--config", &config_path.display().to_string(), "run"])
+            .env("CDC_INDEXER_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("daemon");
         let wait = Instant::now();
         while !http_ready(&http) && wait.elapsed() < Duration::from_secs(120) {
             std::thread::sleep(Duration::from_millis(200));
@@ -287,11 +306,29 @@ async fn main() {
             loaded as f64 / secs,
             report["drift"]
         );
+        let through_daemon_ok = report["ok"] == serde_json::json!(true);
+        figures.push((rows, loaded as f64 / secs, rss));
         let _ = Command::new("kill")
             .args(["-TERM", &daemon.id().to_string()])
             .status();
         let _ = daemon.wait();
         cleanup(&config).await;
         psql(&format!("DROP TABLE public.{table}"));
+        assert!(through_daemon_ok, "reconcile through the daemon: {report}");
+    }
+    if let (Some(first), Some(last)) = (figures.first(), figures.last())
+        && first.0 != last.0
+    {
+        println!(
+            "through the daemon, {} → {} rows ({:.0}×): rows/s {:.0} → {:.0}, reconcile's peak RSS {:.0} → {:.0} MiB ({:.2}×)",
+            first.0,
+            last.0,
+            last.0 as f64 / first.0 as f64,
+            first.1,
+            last.1,
+            first.2,
+            last.2,
+            last.2 / first.2
+        );
     }
 }
