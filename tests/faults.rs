@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cdc_indexer::broker::dead_letter::{DeadLetter, DeadLetterPublisher};
 use common::*;
@@ -578,15 +578,7 @@ async fn a_write_refused_whole_but_taken_document_by_document_is_bisected_not_lo
         &[("PYTHON_INDEXER_MAX_BODY_BYTES", "40000")],
     );
     let w = World::new("bisect-413", PRODUCTS, "");
-    let text = std::fs::read_to_string(&w.config_path).expect("config");
-    let text = text.replace(
-        &format!(
-            "[sink]\npath = \"{}\"",
-            w.dir.path().join("index").display()
-        ),
-        "",
-    ) + &format!("[sink]\nkind = \"llamaindex\"\nurl = \"http://127.0.0.1:{port}\"\n");
-    std::fs::write(&w.config_path, text).expect("config");
+    w.use_llamaindex_sink(&format!("http://127.0.0.1:{port}"));
     w.declare().await;
     // 40 one-chunk documents: about 8 KB each with its vector, 300 KB as one request.
     let changes: Vec<Change> = (1..=40)
@@ -668,15 +660,7 @@ async fn an_index_that_refuses_every_write_pauses_intake_instead_of_dead_letteri
         PRODUCTS,
         "[pipeline]\nretry_initial_ms = 200\nretry_max_ms = 1000\n",
     );
-    let text = std::fs::read_to_string(&w.config_path).expect("config");
-    let text = text.replace(
-        &format!(
-            "[sink]\npath = \"{}\"",
-            w.dir.path().join("index").display()
-        ),
-        "",
-    ) + &format!("[sink]\nkind = \"llamaindex\"\nurl = \"http://127.0.0.1:{port}\"\n");
-    std::fs::write(&w.config_path, text).expect("config");
+    w.use_llamaindex_sink(&format!("http://127.0.0.1:{port}"));
     w.declare().await;
     let mut d = w.start();
     d.wait_ready(Duration::from_secs(60));
@@ -693,15 +677,7 @@ async fn an_index_that_refuses_every_write_pauses_intake_instead_of_dead_letteri
         .await;
         std::thread::sleep(Duration::from_millis(300));
     }
-    let start = Instant::now();
-    while d.metric_sum("cdc_indexer_consumer_paused") < 1.0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "intake never paused: {}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.wait_metric("cdc_indexer_consumer_paused", 1.0, Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(d.get("/readyz").map(|r| r.0), Some(503));
     assert_eq!(

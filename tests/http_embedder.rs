@@ -273,15 +273,7 @@ async fn columns_with_reserved_names_reach_the_python_indexer() {
         "[[tables]]\ntable = \"public.products\"\nid_columns = [\"id\"]\ntext = \"{name}\"\n",
         "",
     );
-    let text = std::fs::read_to_string(&w.config_path).expect("config");
-    let text = text.replace(
-        &format!(
-            "[sink]\npath = \"{}\"",
-            w.dir.path().join("index").display()
-        ),
-        "",
-    ) + &format!("[sink]\nkind = \"llamaindex\"\nurl = \"{}\"\n", service.url);
-    std::fs::write(&w.config_path, text).expect("config");
+    w.use_llamaindex_sink(&service.url);
     w.declare().await;
     let conn = connect().await;
     let ch = confirm_channel(&conn).await;

@@ -386,15 +386,7 @@ async fn a_dlq_that_refuses_dead_letters_pauses_intake_without_returning_deliver
     }
     let mut d = w.start();
     d.wait_ready(Duration::from_secs(60));
-    let start = std::time::Instant::now();
-    while d.metric_sum("cdc_indexer_consumer_paused") < 1.0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "intake never paused: {}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.wait_metric("cdc_indexer_consumer_paused", 1.0, Duration::from_secs(30));
     assert_eq!(d.get("/readyz").map(|r| r.0), Some(503));
     // Refused for a while: retried in place, the session kept.
     std::thread::sleep(Duration::from_secs(5));

@@ -101,6 +101,19 @@ search_listen = "{search}"
         w
     }
 
+    /// Points the config at the python-indexer on `url` instead of the embedded index.
+    pub fn use_llamaindex_sink(&self, url: &str) {
+        let text = std::fs::read_to_string(&self.config_path).expect("config");
+        let embedded = format!(
+            "[sink]\npath = \"{}\"",
+            self.dir.path().join("index").display()
+        );
+        assert!(text.contains(&embedded), "the config has the embedded sink");
+        let text = text.replace(&embedded, "")
+            + &format!("[sink]\nkind = \"llamaindex\"\nurl = \"{url}\"\n");
+        std::fs::write(&self.config_path, text).expect("config");
+    }
+
     pub fn config(&self) -> Config {
         Config::load(&self.config_path).expect("config loads")
     }
@@ -334,6 +347,22 @@ impl Daemon {
     }
 
     /// Waits until `events_processed_total` reaches `n`.
+    /// Waits until the metric `name` (summed over its labels) reaches `at_least`.
+    pub fn wait_metric(&mut self, name: &str, at_least: f64, timeout: Duration) {
+        let start = Instant::now();
+        while self.metric_sum(name) < at_least {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("daemon exited with {status}: {}", self.log());
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{name} < {at_least} after {timeout:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn wait_processed(&mut self, n: f64, timeout: Duration) {
         let start = Instant::now();
         while start.elapsed() < timeout {
