@@ -269,16 +269,28 @@ mod tests {
             (row["r"].clone(), row["d"].clone())
         };
         assert_eq!(
-            convert(serde_json::json!(-35000001000.0), serde_json::json!(-35000001000.0)),
-            (serde_json::json!(-3.5e10), serde_json::json!(-35000001000.0)),
+            convert(
+                serde_json::json!(-35000001000.0),
+                serde_json::json!(-35000001000.0)
+            ),
+            (
+                serde_json::json!(-3.5e10),
+                serde_json::json!(-35000001000.0)
+            ),
             "float32 canonical, float64 as sent"
         );
         assert_eq!(
             convert(serde_json::json!(1.17549435e-38), serde_json::json!(0.1)),
             (serde_json::json!(1.1754944e-38), serde_json::json!(0.1))
         );
-        assert_eq!(convert(serde_json::json!(0.1), Value::Null).0, serde_json::json!(0.1));
-        assert_eq!(convert(serde_json::json!(1.5), Value::Null).0, serde_json::json!(1.5));
+        assert_eq!(
+            convert(serde_json::json!(0.1), Value::Null).0,
+            serde_json::json!(0.1)
+        );
+        assert_eq!(
+            convert(serde_json::json!(1.5), Value::Null).0,
+            serde_json::json!(1.5)
+        );
         // Jackson writes non-finite floats as strings: they stay as they are.
         assert_eq!(
             convert(serde_json::json!("NaN"), serde_json::json!("-Infinity")),
