@@ -316,5 +316,16 @@ async fn columns_with_reserved_names_reach_the_python_indexer() {
         serde_json::json!("a column called text")
     );
     assert_eq!(doc[0].payload["text"], serde_json::json!("a tent"));
+    // The oracle: the reserved names are ordinary columns of the source table.
+    common::reconcile::assert_index_matches(
+        &w,
+        &[common::reconcile::Expected::new(
+            "public.products",
+            "id int PRIMARY KEY, name text, doc_id int, document_id text, ref_doc_id text, text text",
+            [
+                serde_json::json!({"id": 1, "name": "a tent", "doc_id": 7, "document_id": "d", "ref_doc_id": "r", "text": "a column called text"}),
+            ],
+        )],
+    );
     w.cleanup().await;
 }
