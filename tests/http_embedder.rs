@@ -179,6 +179,23 @@ async fn daemon_with_the_http_provider_dead_letters_only_the_rejected_event() {
         five[0].payload["name"],
         serde_json::json!("kept: the earlier event")
     );
+    // The oracle: the last valid state of each key (2 never had one; 4's text is empty).
+    drop(five);
+    drop(index);
+    common::reconcile::assert_index_matches(
+        &w,
+        &[common::reconcile::Expected::new(
+            "public.products",
+            "id int PRIMARY KEY, name text",
+            [
+                (1, "a red bicycle"),
+                (3, "a tent"),
+                (4, ""),
+                (5, "kept: the earlier event"),
+            ]
+            .map(|(id, name)| serde_json::json!({"id": id, "name": name})),
+        )],
+    );
     w.cleanup().await;
 }
 

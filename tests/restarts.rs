@@ -409,7 +409,14 @@ fn a_batch_that_takes_longer_than_the_watchdog_keeps_the_daemon_alive() {
         }
     }
     let took = published.elapsed();
+    // Every event processed: the final state is known (for the oracle below).
+    d.wait_processed(256.0, Duration::from_secs(300));
     assert!(d.sigterm().success());
+    let want: BTreeMap<u64, Row> = events
+        .iter()
+        .filter_map(|e| Some((e.id, e.row.clone()?)))
+        .collect();
+    assert_index_matches(&w, &[source_rows(&want)]);
     println!("watchdog: 2,560 texts in {took:?}, longest gap between pings {longest:?}");
     assert!(
         took > Duration::from_secs(3),
