@@ -104,7 +104,7 @@ async fn load(config: &Config, rule: &CompiledRule) -> usize {
     let sink = cdc_indexer::sink::from_config(config).await.expect("sink");
     sink.prepare(384).await.expect("prepare");
     let mut conn = source::connect(SOURCE, None).await.expect("connect");
-    let table = SourceTable::describe(&mut conn, rule)
+    let table = SourceTable::describe(&mut conn, rule, Default::default())
         .await
         .expect("describe");
     let lsn = source::current_lsn(&mut conn)

@@ -71,6 +71,40 @@ pub struct ReconcileConfig {
     pub connector: Option<String>,
     /// Examples of each state kept per table in the report. Default 5.
     pub examples: usize,
+    /// The connector's `decimal.handling.mode` (`precise`, `string` or `double`): how it sends
+    /// `numeric` and `money`, so that reconcile reads them as the pipeline stored them.
+    /// Default `precise` (Debezium's default).
+    pub decimal_handling_mode: DecimalHandlingMode,
+    /// The connector's `time.precision.mode` (`adaptive`, `adaptive_time_microseconds` or
+    /// `connect`): `connect` sends `time` and `timestamp` in milliseconds. Default `adaptive`
+    /// (Debezium's default).
+    pub time_precision_mode: TimePrecisionMode,
+}
+
+/// Debezium's `decimal.handling.mode`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DecimalHandlingMode {
+    /// Exact: `org.apache.kafka.connect.data.Decimal` (stored as decimal text).
+    #[default]
+    Precise,
+    /// The decimal as a JSON string (the same text).
+    String,
+    /// A JSON double.
+    Double,
+}
+
+/// Debezium's `time.precision.mode`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TimePrecisionMode {
+    /// The column's own precision (µs for `time`/`timestamp`).
+    #[default]
+    Adaptive,
+    /// µs for `time` too (the same values as `adaptive` for PostgreSQL).
+    AdaptiveTimeMicroseconds,
+    /// Kafka Connect's `Time`/`Timestamp`: milliseconds (sub-millisecond digits are cut).
+    Connect,
 }
 
 impl Default for ReconcileConfig {
@@ -85,6 +119,8 @@ impl Default for ReconcileConfig {
             page_size: 500,
             connector: None,
             examples: 5,
+            decimal_handling_mode: DecimalHandlingMode::Precise,
+            time_precision_mode: TimePrecisionMode::Adaptive,
         }
     }
 }
@@ -1027,6 +1063,35 @@ text = "{name}\n\n{description}"
             with("sourse_url = \"x\"")
                 .unwrap_err()
                 .contains("sourse_url")
+        );
+        // The connector's value modes, as Debezium names them.
+        let c =
+            with("decimal_handling_mode = \"double\"\ntime_precision_mode = \"connect\"").unwrap();
+        assert_eq!(
+            (
+                c.reconcile.decimal_handling_mode,
+                c.reconcile.time_precision_mode
+            ),
+            (DecimalHandlingMode::Double, TimePrecisionMode::Connect)
+        );
+        let c = Config::from_toml(
+            "c.toml",
+            MINIMAL,
+            [(
+                "CDC_INDEXER__RECONCILE__DECIMAL_HANDLING_MODE".to_string(),
+                "string".to_string(),
+            )]
+            .into_iter(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.reconcile.decimal_handling_mode,
+            DecimalHandlingMode::String
+        );
+        assert!(
+            with("decimal_handling_mode = \"exact\"")
+                .unwrap_err()
+                .contains("decimal_handling_mode")
         );
     }
 

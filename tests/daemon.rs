@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::reconcile::*;
 use common::*;
 use serde_json::json;
 
@@ -176,7 +177,62 @@ async fn fixtures_are_indexed_and_poison_is_dead_lettered() {
         b"{\"op\":\"c\",\"after\":".to_vec(),
         "original body kept"
     );
+    // The oracle: the rows the fixtures leave (captured by Debezium from these tables; the
+    // order line was created, updated and deleted). The poison changed nothing.
+    drop(index);
+    assert_index_matches(
+        &w,
+        &[
+            Expected::new(
+                "public.products",
+                "id int PRIMARY KEY, name text, description text, weight double precision",
+                [
+                    json!({"id": 1, "name": "car battery", "description": "12V car battery", "weight": 8.1}),
+                ],
+            ),
+            Expected::new(
+                "public.customers",
+                "id int PRIMARY KEY, first_name text, last_name text, email text",
+                [
+                    json!({"id": 1, "first_name": "Anne Marie", "last_name": "Kretchmar", "email": "annek@noanswer.org"}),
+                    json!({"id": 1001, "first_name": "Sally", "last_name": "Thomas", "email": "sally.thomas@acme.com"}),
+                ],
+            ),
+            Expected::new(
+                "public.order_lines",
+                "order_id int, line_no int, sku text, qty int, PRIMARY KEY (order_id, line_no)",
+                [],
+            ),
+            Expected::new(
+                "public.special_types",
+                SPECIAL_TYPES_COLUMNS,
+                [special_types_row()],
+            ),
+        ],
+    );
     w.cleanup().await;
+}
+
+/// The table pg-types-decimal-precise-with-schema.json was captured from.
+const SPECIAL_TYPES_COLUMNS: &str = "id int PRIMARY KEY, price numeric(10,2), amount numeric, \
+     ratio numeric(5,3), cash money, created_at timestamp, created_at_tz timestamptz, \
+     created_at_ms timestamp(3), day date, t time, uid uuid, doc json, docb jsonb, tags text[], \
+     nums int[], flag boolean, f4 real, f8 double precision, bin bytea, iv interval, big bigint, \
+     small smallint";
+
+/// Its row, in the database's own notation (decoded independently of the daemon: base64
+/// decimals by hand, epoch microseconds and days as dates and times).
+fn special_types_row() -> serde_json::Value {
+    json!({
+        "id": 1, "price": "1234.56", "amount": "3.14159265358979", "ratio": "12.345",
+        "cash": "99.99", "created_at": "2018-06-20 15:13:16.945104",
+        "created_at_tz": "2018-06-20 13:13:16.945104+00", "created_at_ms": "2018-06-20 15:13:16.945",
+        "day": "2018-06-20", "t": "15:13:16.945104", "uid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        "doc": {"a": 1, "b": [1, 2], "c": {"d": null}}, "docb": {"a": 1, "b": [1, 2], "c": {"d": null}},
+        "tags": ["red", "green", null], "nums": [1, 2, 3], "flag": true, "f4": 1.5, "f8": 2.25,
+        "bin": "\\xdeadbeef", "iv": "1 day 02:03:04.5", "big": 9223372036854775807_i64,
+        "small": -32768
+    })
 }
 
 fn product_event(id: u64, lsn: u64, name: &str) -> Vec<u8> {
@@ -214,6 +270,21 @@ async fn publish_products(w: &World, ids: std::ops::RangeInclusive<u64>, version
         .await;
     }
     let _ = conn.close(200, "ok".into()).await;
+}
+
+/// The source rows `publish_products` stands for: every id of `ids` at `version`.
+fn product_rows(expected: &[(std::ops::RangeInclusive<u64>, &str)]) -> Expected {
+    let rows = expected.iter().flat_map(|(ids, version)| {
+        ids.clone().map(move |id| {
+            let name = format!("{version} product {id}");
+            json!({"id": id, "name": name, "description": format!("{name}, item number {id}, a sturdy and well made product for everyday use")})
+        })
+    });
+    Expected::new(
+        "public.products",
+        "id int PRIMARY KEY, name text, description text",
+        rows,
+    )
 }
 
 /// Every id of `ids` holds `version`; the table holds nothing else.
@@ -259,6 +330,7 @@ async fn kill_9_mid_batch_then_restart_loses_nothing() {
     assert!(d.sigterm().success());
     assert_products(&w, &[(1..=400, "v1")]).await;
     assert!(w.drain_dlq().await.is_empty());
+    assert_index_matches(&w, &[product_rows(&[(1..=400, "v1")])]);
     w.cleanup().await;
 }
 
@@ -282,6 +354,7 @@ async fn sigterm_mid_batch_exits_cleanly_and_loses_nothing() {
     wait_drained(&w, &mut d).await;
     assert!(d.sigterm().success());
     assert_products(&w, &[(1..=300, "v1"), (301..=400, "v2")]).await;
+    assert_index_matches(&w, &[product_rows(&[(1..=300, "v1"), (301..=400, "v2")])]);
     w.cleanup().await;
 }
 
@@ -362,6 +435,28 @@ text = "{body}"
             .iter()
             .all(|p| p.payload.get("body").is_none() && p.payload.get("extra").is_none()),
         "row fields are stored once, on chunk 0"
+    );
+    drop(long);
+    drop(index);
+    // The oracle: NUMERIC(30) keys read back as their exact text, the reserved names as
+    // columns of those names, the long document bounded the same way.
+    assert_index_matches(
+        &w,
+        &[
+            Expected::new(
+                "public.wide",
+                "id numeric(30) PRIMARY KEY, title text, text text, doc_id int, document_id text, ref_doc_id text",
+                (0..2).map(|i| {
+                    json!({"id": format!("12345678901234567890123456789{i}"), "title": format!("row {i}"),
+                        "text": "a column called text", "doc_id": 7, "document_id": "d", "ref_doc_id": "r"})
+                }),
+            ),
+            Expected::new(
+                "public.docs",
+                "id int PRIMARY KEY, body text, extra text",
+                [json!({"id": 1, "body": body, "extra": "x"})],
+            ),
+        ],
     );
     let _ = conn.close(200, "ok".into()).await;
     w.cleanup().await;

@@ -70,8 +70,9 @@ async fn toast_placeholder_with_changed_status_re_renders_text_and_keeps_nulls()
         psql(&format!(
             "CREATE TABLE public.{t} (id int PRIMARY KEY, status text, big_text text, note text); \
              ALTER TABLE public.{t} ALTER COLUMN big_text SET STORAGE EXTERNAL; \
-             INSERT INTO public.{t} VALUES (1, 'new', '{}', 'a note')",
-            big_text("new")
+             INSERT INTO public.{t} VALUES (1, 'new', '{}', 'a note'), (2, 'new', '{}', 'another')",
+            big_text("new"),
+            big_text("other")
         ));
     }
     let rules = format!(
@@ -89,14 +90,14 @@ async fn toast_placeholder_with_changed_status_re_renders_text_and_keeps_nulls()
     let mut d = w.start();
     d.wait_ready(Duration::from_secs(60));
     let mut runner = Runner::start(&w, &[&plain, &hidden], &[]);
-    drained_after(&w, &mut d, &tap_name, 2, &runner).await;
+    drained_after(&w, &mut d, &tap_name, 4, &runner).await;
     for t in [&plain, &hidden] {
         psql(&format!(
             "UPDATE public.{t} SET status = 'updated' WHERE id = 1"
         ));
         psql(&format!("UPDATE public.{t} SET note = NULL WHERE id = 1"));
     }
-    drained_after(&w, &mut d, &tap_name, 6, &runner).await;
+    drained_after(&w, &mut d, &tap_name, 8, &runner).await;
     runner.stop();
     // Debezium really sent the placeholder for the unchanged TOASTed column.
     let published = tap_take(&tap_name).await;
@@ -137,7 +138,54 @@ async fn toast_placeholder_with_changed_status_re_renders_text_and_keeps_nulls()
         hidden_chunk0.get("big_text").is_none(),
         "excluded from the payload"
     );
-    // The vectors are those of the new text: a search for it finds the document first.
+    // The vectors are those of the new text: a search for it finds the document first, its
+    // chunk 0 with the very vector of the new chunk (cosine 1), and the old text's vector is
+    // gone (nothing scores 1 for the old chunk).
+    let index = w.index().await;
+    let embedder = index.embedder().await;
+    let old_text = format!("new\n\n{}", big_text("new").trim());
+    for t in [&plain, &hidden] {
+        let table = format!("public.{t}");
+        let chunk0 = |text: &str| cdc_indexer::mapping::chunk_text(text, 1000, 0)[0].clone();
+        let search = |text: String| {
+            let (embedder, sink, table) = (embedder.clone(), index.sink.clone(), table.clone());
+            async move {
+                cdc_indexer::search::run(embedder.as_ref(), sink.as_ref(), &text, Some(&table), 10)
+                    .await
+                    .expect("search")
+            }
+        };
+        let hits = search(chunk0(&want)).await;
+        let top = &hits[0];
+        println!(
+            "{t}: new text → {} chunk {} score {}",
+            top["key"], top["chunk"], top["score"]
+        );
+        assert_eq!(
+            top["key"],
+            json!(r#"{"id":1}"#),
+            "{t}: nearest document: {hits:?}"
+        );
+        assert_eq!(top["chunk"], json!(0), "{t}: {hits:?}");
+        assert!(
+            top["score"].as_f64().unwrap_or(0.0) > 0.9999,
+            "{t}: chunk 0's vector is the new text's: {hits:?}"
+        );
+        // Chunk 0 held the old text's first chunk; it must not hold its vector any more (the
+        // later chunks of "new new …" are alike in both versions: only chunk 0 tells).
+        let old = search(chunk0(&old_text)).await;
+        let old_score = old
+            .iter()
+            .find(|h| h["key"] == json!(r#"{"id":1}"#) && h["chunk"] == json!(0))
+            .and_then(|h| h["score"].as_f64())
+            .unwrap_or(0.0);
+        println!("{t}: old text → chunk 0 score {old_score}");
+        assert!(
+            old_score < 0.9999,
+            "{t}: chunk 0 still holds the old text's vector: {old:?}"
+        );
+    }
+    drop(index);
     assert!(w.drain_dlq().await.is_empty(), "nothing dead-lettered");
     assert_reconciled(&w);
     for t in [&plain, &hidden] {

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cdc_indexer::broker::dead_letter::{DeadLetter, DeadLetterPublisher};
+use common::reconcile::*;
 use common::*;
 use rand::Rng;
 use serde_json::json;
@@ -84,6 +85,22 @@ fn expected(changes: &[Change]) -> BTreeMap<u64, (String, String)> {
             (c.id, (name, text))
         })
         .collect()
+}
+
+/// The source rows the changes leave: the last version of every id not deleted.
+fn expected_rows(changes: &[Change]) -> Expected {
+    let mut last = BTreeMap::new();
+    for c in changes {
+        last.insert(c.id, c.clone());
+    }
+    Expected::new(
+        "public.products",
+        "id int PRIMARY KEY, name text, description text",
+        last.into_values().filter(|c| c.op != "d").map(|c| {
+            json!({"id": c.id, "name": format!("product {} at {}", c.id, c.lsn),
+                "description": description(c.id, c.lsn)})
+        }),
+    )
 }
 
 async fn assert_index_equals(w: &World, want: &BTreeMap<u64, (String, String)>, keys: u64) {
@@ -184,6 +201,7 @@ async fn kill_9_at_random_moments_under_load_loses_nothing() {
         "dead-lettered: {:?}",
         dead.iter().map(|d| &d.1).collect::<Vec<_>>()
     );
+    assert_index_matches(&w, &[expected_rows(&changes)]);
     println!(
         "chaos: {rounds} kill -9 rounds, {} events, {} keys present at the end, 0 lost, 0 dead-lettered, {stale} skipped in the last run",
         changes.len(),
@@ -248,6 +266,7 @@ async fn redeliveries_and_dlq_replays_of_old_events_keep_the_exact_final_state()
     let stale = d.metric_sum("cdc_indexer_skipped_total");
     assert!(d.sigterm().success());
     assert_index_equals(&w, &expected(&changes), keys).await;
+    assert_index_matches(&w, &[expected_rows(&changes)]);
     println!(
         "replays: {} changes, 150 old events re-sent (75 redelivered, 75 via DLQ replay), {stale} skipped as stale or unchanged",
         changes.len()
@@ -317,6 +336,16 @@ async fn every_poison_message_is_dead_lettered_with_a_reason_and_the_daemon_stay
         "the good message was indexed"
     );
     assert_eq!(index.count(None).await, 1);
+    // The oracle: the poison left nothing behind, the good message its row.
+    drop(index);
+    assert_index_matches(
+        &w,
+        &[Expected::new(
+            "public.products",
+            "id int PRIMARY KEY, name text, description text",
+            [json!({"id": 42, "name": "the good one", "description": "fine"})],
+        )],
+    );
     w.cleanup().await;
 }
 
@@ -422,6 +451,8 @@ async fn a_sink_outage_of_30_seconds_pauses_intake_and_loses_nothing() {
         sink.count(Some("public.products")).await.expect("count"),
         points as u64
     );
+    // The oracle, through the python-indexer (the config's sink).
+    assert_index_matches(&w, &[expected_rows(&changes)]);
     println!(
         "outage: python-indexer down {:?}, {retries} retries, longest heartbeat silence {longest_silence:.1} s, {} events, 0 dead-lettered, all indexed after recovery",
         outage.elapsed(),
@@ -493,6 +524,7 @@ async fn sigterm_during_a_sink_outage_exits_within_the_deadline_and_acks_nothing
         points as u64
     );
     assert!(w.drain_dlq().await.is_empty());
+    assert_index_matches(&w, &[expected_rows(&changes)]);
     println!(
         "shutdown during outage: exited {took:?} after SIGTERM (deadline 3 s), 0 acked, all {} events indexed after restart",
         changes.len()
@@ -562,6 +594,16 @@ async fn a_crash_between_two_writes_of_a_document_is_repaired_by_the_redelivery(
         );
     }
     assert!(w.drain_dlq().await.is_empty(), "nothing dead-lettered");
+    drop(doc);
+    drop(index);
+    assert_index_matches(
+        &w,
+        &[Expected::new(
+            "public.products",
+            "id int PRIMARY KEY, name text, description text",
+            [json!({"id": 1, "name": "v2 long", "description": description("v2")})],
+        )],
+    );
     let _ = conn.close(200, "ok".into()).await;
     w.cleanup().await;
 }
@@ -606,6 +648,7 @@ async fn a_write_refused_whole_but_taken_document_by_document_is_bisected_not_lo
         sink.count(Some("public.products")).await.expect("count"),
         40
     );
+    assert_index_matches(&w, &[expected_rows(&changes)]);
     println!("bisect: {rejections} whole-batch refusals, all 40 documents written by halves");
     w.cleanup().await;
 }
@@ -634,6 +677,7 @@ async fn a_crash_while_one_batch_is_written_and_the_next_embedded_loses_nothing(
     assert!(d.sigterm().success());
     assert_index_equals(&w, &expected(&changes), keys).await;
     assert!(w.drain_dlq().await.is_empty());
+    assert_index_matches(&w, &[expected_rows(&changes)]);
     println!(
         "overlap crash: {acked_before_crash} events acked before the crash, exact after the restart"
     );

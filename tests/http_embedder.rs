@@ -179,6 +179,23 @@ async fn daemon_with_the_http_provider_dead_letters_only_the_rejected_event() {
         five[0].payload["name"],
         serde_json::json!("kept: the earlier event")
     );
+    // The oracle: the last valid state of each key (2 never had one; 4's text is empty).
+    drop(five);
+    drop(index);
+    common::reconcile::assert_index_matches(
+        &w,
+        &[common::reconcile::Expected::new(
+            "public.products",
+            "id int PRIMARY KEY, name text",
+            [
+                (1, "a red bicycle"),
+                (3, "a tent"),
+                (4, ""),
+                (5, "kept: the earlier event"),
+            ]
+            .map(|(id, name)| serde_json::json!({"id": id, "name": name})),
+        )],
+    );
     w.cleanup().await;
 }
 
@@ -308,5 +325,16 @@ async fn columns_with_reserved_names_reach_the_python_indexer() {
         serde_json::json!("a column called text")
     );
     assert_eq!(doc[0].payload["text"], serde_json::json!("a tent"));
+    // The oracle: the reserved names are ordinary columns of the source table.
+    common::reconcile::assert_index_matches(
+        &w,
+        &[common::reconcile::Expected::new(
+            "public.products",
+            "id int PRIMARY KEY, name text, doc_id int, document_id text, ref_doc_id text, text text",
+            [
+                serde_json::json!({"id": 1, "name": "a tent", "doc_id": 7, "document_id": "d", "ref_doc_id": "r", "text": "a column called text"}),
+            ],
+        )],
+    );
     w.cleanup().await;
 }

@@ -5,6 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use common::reconcile::*;
 use common::*;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions};
@@ -197,7 +198,16 @@ async fn reconnects_after_the_broker_closes_the_connection_and_loses_nothing() {
     assert!(d.sigterm().success());
     let index = w.index().await;
     assert_eq!(index.count(None).await, id, "every product indexed");
+    drop(index);
     assert!(w.drain_dlq().await.is_empty(), "nothing dead-lettered");
+    assert_index_matches(
+        &w,
+        &[Expected::new(
+            "public.products",
+            "id int PRIMARY KEY, name text",
+            (1..=id).map(|i| serde_json::json!({"id": i, "name": format!("product {i}")})),
+        )],
+    );
     println!(
         "reconnect test: {rounds} connection kills, {reconnects} reconnects, {id} events, 0 lost"
     );

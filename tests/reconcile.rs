@@ -8,6 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cdc_indexer::model::{DocumentKey, PositionAt, SourcePosition};
@@ -225,35 +226,105 @@ async fn name_of(w: &World, table: &str, id: u32) -> Option<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repair_racing_live_updates_of_the_same_row_ends_with_the_newest_value() {
-    let (w, t, mut d, mut runner, tap_name) = streaming("race", 3, "").await;
+    // Many rows, the raced one last: a reconcile reads it again (under FOR SHARE) long after
+    // its snapshot, so live updates land between the two.
+    let n = 300;
+    let (w, t, mut d, mut runner, tap_name) = streaming("race", n, "").await;
     let table = format!("public.{t}");
-    let runner2 = lose_update(&w, &t, &mut runner, 1, "lost");
-    assert_eq!(reconcile(&w, &[]).keys(&table, "stale"), keys(&[1]));
+    let runner2 = lose_update(&w, &t, &mut runner, n, "lost");
+    assert_eq!(reconcile(&w, &[]).keys(&table, "stale"), keys(&[n as u64]));
+    // The daemon stops: the index keeps the lost state, so every reconcile below finds the row
+    // stale and repairs it. The stream's events and the repairs queue up interleaved, and the
+    // stale guard alone orders them once the daemon is back.
+    assert!(d.sigterm().success());
+    let stop = Arc::new(AtomicBool::new(false));
     let updater = {
-        let t = t.clone();
+        let (t, stop) = (t.clone(), stop.clone());
         std::thread::spawn(move || {
-            for i in 0..40 {
+            let mut i: u32 = 0;
+            loop {
                 psql(&format!(
-                    "UPDATE public.{t} SET name = 'live {i}' WHERE id = 1"
+                    "UPDATE public.{t} SET name = 'live {i}' WHERE id = {n}"
                 ));
-                std::thread::sleep(Duration::from_millis(50));
+                i += 1;
+                if stop.load(Ordering::SeqCst) {
+                    return i;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
         })
     };
     for _ in 0..3 {
         let r = reconcile(&w, &["--repair"]);
-        assert!(r.code == 0 || r.code == 1, "{}", r.stderr);
+        assert_eq!(r.code, 1, "drift found and repaired: {}", r.stderr);
+        assert_eq!(
+            r.table(&table)["repairs"]["upserts"],
+            json!(1),
+            "{}",
+            r.json
+        );
     }
-    updater.join().expect("updater");
-    psql(&format!(
-        "UPDATE public.{t} SET name = 'final' WHERE id = 1"
-    ));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The last repair takes its snapshot while the updater runs; the updater's last update
+    // commits after that snapshot and before the raced row (the last key, small pages) is read
+    // again: the repair carries a value and a position that must not beat that update.
+    let last = Command::new(env!("CARGO_BIN_EXE_cdc-indexer"))
+        .args([
+            "--config",
+            path_str(&w.config_path),
+            "reconcile",
+            "--repair",
+        ])
+        .args(["--source", SOURCE, "--json", "--page-size", "2"])
+        .env("CDC_INDEXER_SOURCE_PASSWORD", "postgres")
+        .env("CDC_INDEXER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("reconcile");
+    let start = Instant::now();
+    while psql_query(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'cdc-indexer reconcile' \
+         AND xact_start IS NOT NULL AND query LIKE '%ORDER BY%LIMIT%'",
+    ) == "0"
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "reconcile took no snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let updates = updater.join().expect("updater");
+    let newest = format!("live {}", updates - 1);
+    let in_snapshot = psql_query(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'cdc-indexer reconcile' \
+         AND xact_start IS NOT NULL AND query LIKE '%ORDER BY%LIMIT%'",
+    );
+    let out = last.wait_with_output().expect("reconcile");
+    assert_eq!(out.status.code(), Some(1), "drift found and repaired");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        report["tables"][0]["repairs"]["upserts"],
+        json!(1),
+        "{report}"
+    );
+    println!(
+        "race: {updates} live updates, 4 repairs; the last update committed while the last reconcile was {} its snapshot",
+        if in_snapshot == "0" {
+            "past"
+        } else {
+            "still in"
+        }
+    );
+    // Every streamed update published (the tap holds the snapshot's reads too), then applied
+    // with the repairs in queue order.
+    tap_wait(&w, &tap_name, n + updates, &runner2).await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
     wait_drained(&w, &mut d).await;
     assert_reconciled(&w);
     drop(runner2);
     assert!(d.sigterm().success());
-    assert_eq!(name_of(&w, &table, 1).await, Some(json!("final")));
+    assert_eq!(name_of(&w, &table, n).await, Some(json!(newest)));
     psql(&format!("DROP TABLE public.{t}"));
     tap_delete(&tap_name).await;
     w.cleanup().await;

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use cdc_indexer::mapping::{chunk_text, text_hash};
+use common::reconcile::*;
 use common::*;
 use rand::Rng;
 use serde_json::json;
@@ -106,6 +107,17 @@ fn final_state(events: &[Event]) -> BTreeMap<u64, Row> {
         };
     }
     last
+}
+
+/// The source rows `want` stands for, for the oracle.
+fn source_rows(want: &BTreeMap<u64, Row>) -> Expected {
+    Expected::new(
+        "public.products",
+        "id int PRIMARY KEY, name text, description text, price bigint",
+        want.iter().map(|(id, r)| {
+            json!({"id": id, "name": r.name, "description": r.description, "price": r.price})
+        }),
+    )
 }
 
 async fn publish(w: &World, events: &[Event]) {
@@ -218,6 +230,7 @@ async fn twenty_kill_9_restarts_at_random_moments_dead_letter_nothing_and_lose_n
         dead.first().map(|d| &d.1)
     );
     assert_index_is_exact(&w, &final_state(&events), keys).await;
+    assert_index_matches(&w, &[source_rows(&final_state(&events))]);
     println!(
         "kill -9 x20 with a backlog of {}: 0 dead-lettered, exact; {isolated} deliveries processed alone in the last run; {:.0} s",
         events.len(),
@@ -264,6 +277,7 @@ async fn twenty_sigterm_restarts_return_nothing_they_could_finish() {
     assert!(d.sigterm().success());
     assert!(w.drain_dlq().await.is_empty(), "nothing dead-lettered");
     assert_index_is_exact(&w, &final_state(&events), keys).await;
+    assert_index_matches(&w, &[source_rows(&final_state(&events))]);
     println!(
         "SIGTERM x20 with a backlog of {}: {returned} deliveries came back",
         events.len()
@@ -342,6 +356,8 @@ async fn a_message_that_crashes_the_daemon_is_dead_lettered_alone() {
     let mut want = final_state(&events);
     want.remove(&culprit);
     assert_index_is_exact(&w, &want, 60).await;
+    // The culprit's row is not in the index: the oracle's source is the rest.
+    assert_index_matches(&w, &[source_rows(&want)]);
     println!(
         "crash loop: the culprit dead-lettered alone after {crashes} crashes; {} batch-mates indexed",
         want.len()
@@ -395,7 +411,14 @@ fn a_batch_that_takes_longer_than_the_watchdog_keeps_the_daemon_alive() {
         }
     }
     let took = published.elapsed();
+    // Every event processed: the final state is known (for the oracle below).
+    d.wait_processed(256.0, Duration::from_secs(300));
     assert!(d.sigterm().success());
+    let want: BTreeMap<u64, Row> = events
+        .iter()
+        .filter_map(|e| Some((e.id, e.row.clone()?)))
+        .collect();
+    assert_index_matches(&w, &[source_rows(&want)]);
     println!("watchdog: 2,560 texts in {took:?}, longest gap between pings {longest:?}");
     assert!(
         took > Duration::from_secs(3),

@@ -349,6 +349,14 @@ async fn the_daemon_consumes_over_amqps() {
     d.wait_processed(1.0, Duration::from_secs(60));
     assert!(d.sigterm().success());
     assert_eq!(w.index().await.count(None).await, 1);
+    common::reconcile::assert_index_matches(
+        &w,
+        &[common::reconcile::Expected::new(
+            "public.products",
+            "id int PRIMARY KEY, name text",
+            [serde_json::json!({"id": 1, "name": "a tent"})],
+        )],
+    );
     let _ = conn.close(200, "ok".into()).await;
     w.cleanup().await;
 }

@@ -10,6 +10,7 @@
 //! | `io.debezium.time.MicroTimestamp` (…Timestamp, NanoTimestamp) | epoch µs (ms, ns) | `"2018-06-20T13:13:16.945104"` |
 //! | `io.debezium.time.Date`, connect `Date`      | days since epoch             | `"2018-06-20"`      |
 //! | `io.debezium.time.MicroTime` (Time, NanoTime)| µs (ms, ns) since midnight   | `"15:13:16.945104"` |
+//! | (no name) type `float` (FLOAT32, `real`)     | a number, as the JVM printed it | the shortest decimal of its float32 |
 //!
 //! Without a schema those values pass through as they are (the scale of a decimal is unknown).
 //!
@@ -95,6 +96,10 @@ fn convert_value(value: &Value, schema: &Value) -> Result<Option<Value>, String>
             .ok_or_else(|| format!("{name} expects an integer, got {value}"))
     };
     let text = |s: String| Ok(Some(Value::String(s)));
+    if name.is_empty() && schema.get("type").and_then(Value::as_str) == Some("float") {
+        // FLOAT32 (`real`): the float32's own shortest decimal, not the JVM's rendering.
+        return Ok(value.as_f64().and_then(float32).map(Value::from));
+    }
     match name {
         "org.apache.kafka.connect.data.Decimal" => {
             let scale = schema
@@ -142,6 +147,18 @@ fn convert_value(value: &Value, schema: &Value) -> Result<Option<Value>, String>
         "io.debezium.time.NanoTime" => text(time_of_day(int()?, 1_000_000_000)?),
         _ => Ok(None),
     }
+}
+
+/// A float32 value (`real`) as the double of its shortest decimal: `-3.5e10` for the float32
+/// nearest to -3.5e10, however it was written (Java 17 writes `-3.5000001E10`; PostgreSQL and
+/// Java 19+ `-3.5e10`). `None` for a value that is not finite as a float32.
+pub fn float32(value: f64) -> Option<f64> {
+    let single = value as f32;
+    if !single.is_finite() {
+        return None;
+    }
+    // Rust prints the shortest decimal that reads back as the same float32.
+    single.to_string().parse::<f64>().ok()
 }
 
 /// Base64 big-endian two's-complement unscaled value + scale → decimal text.
@@ -235,6 +252,50 @@ mod tests {
         assert!(is_unavailable(&Value::Array(bytes)));
         assert!(!is_unavailable(&Value::String("__debezium".into())));
         assert!(!is_unavailable(&serde_json::json!([1, 2, 3])));
+    }
+
+    /// Debezium (Java 17's `Float.toString`) writes some `real` values with more digits than
+    /// the float32 needs (`-3.5000001E10` for the float32 PostgreSQL prints as `-3.5e+10`);
+    /// read as a double they would be another number than the column's. A FLOAT32 field is
+    /// stored as the shortest decimal of its float32, whatever the JVM printed.
+    #[test]
+    fn a_float32_is_stored_as_the_shortest_decimal_of_its_float32() {
+        let schema = serde_json::json!({"type": "struct", "fields": [
+            {"field": "r", "type": "float", "optional": true},
+            {"field": "d", "type": "double", "optional": true}]});
+        let convert = |r: Value, d: Value| {
+            let (row, _) =
+                convert_row(row(serde_json::json!({"r": r, "d": d})), Some(&schema)).unwrap();
+            (row["r"].clone(), row["d"].clone())
+        };
+        assert_eq!(
+            convert(
+                serde_json::json!(-35000001000.0),
+                serde_json::json!(-35000001000.0)
+            ),
+            (
+                serde_json::json!(-3.5e10),
+                serde_json::json!(-35000001000.0)
+            ),
+            "float32 canonical, float64 as sent"
+        );
+        assert_eq!(
+            convert(serde_json::json!(1.17549435e-38), serde_json::json!(0.1)),
+            (serde_json::json!(1.1754944e-38), serde_json::json!(0.1))
+        );
+        assert_eq!(
+            convert(serde_json::json!(0.1), Value::Null).0,
+            serde_json::json!(0.1)
+        );
+        assert_eq!(
+            convert(serde_json::json!(1.5), Value::Null).0,
+            serde_json::json!(1.5)
+        );
+        // Jackson writes non-finite floats as strings: they stay as they are.
+        assert_eq!(
+            convert(serde_json::json!("NaN"), serde_json::json!("-Infinity")),
+            (serde_json::json!("NaN"), serde_json::json!("-Infinity"))
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@
 
 mod logical;
 
-pub use logical::{is_unavailable, micro_time_text, micro_timestamp_text};
+pub use logical::{float32, is_unavailable, micro_time_text, micro_timestamp_text};
 
 use serde_json::{Map, Value};
 

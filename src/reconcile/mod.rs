@@ -109,6 +109,8 @@ pub struct Options {
     /// The connector to assume when the index names none (first routing pattern's prefix).
     pub default_connector: Option<String>,
     pub examples: usize,
+    /// How the connector sends values (`decimal.handling.mode`, `time.precision.mode`).
+    pub values: source::ValueModes,
     /// Draw a progress line on stderr.
     pub progress: bool,
 }
@@ -151,6 +153,7 @@ impl Options {
             connector: r.connector.clone(),
             default_connector,
             examples: r.examples,
+            values: source::ValueModes::of(r),
             progress: false,
         })
     }
@@ -243,7 +246,8 @@ impl Table<'_> {
     async fn run(&self, src: &mut Source) -> Result<TableReport, StageError> {
         let name = self.rule.rule.table.as_str();
         let mut report = TableReport::new(name, self.options.examples);
-        let table = SourceTable::describe(&mut src.snapshot, self.rule).await?;
+        let table =
+            SourceTable::describe(&mut src.snapshot, self.rule, self.options.values).await?;
         let mut seen = Seen::default();
         let started = Instant::now();
 

@@ -9,21 +9,25 @@
 //! **Keyset pagination** in key order (`WHERE (k1, k2) > ($1, $2) ORDER BY k1, k2 LIMIT n`,
 //! the primary-key index): memory is bounded by the page, not by the table.
 //!
-//! **Values as the pipeline stores them.** Debezium (JSON converter, schemas on, its default
-//! `decimal.handling.mode=precise` and `time.precision.mode=adaptive`) sends each type in a
-//! wire form that `decode` turns into a stored value; here the database renders each column
-//! straight into that stored form:
+//! **Values as the pipeline stores them.** Debezium (JSON converter, schemas on; its
+//! `decimal.handling.mode` and `time.precision.mode` as `[reconcile]` says, by default
+//! Debezium's own defaults `precise` and `adaptive`) sends each type in a wire form that
+//! `decode` turns into a stored value; here the database renders each column straight into
+//! that stored form:
 //!
 //! | type | stored as | read as |
 //! |---|---|---|
-//! | `numeric`, `money` | `"1234.56"` (the value's scale) | `col::text` |
-//! | `timestamp` | `"2018-06-20T13:13:16.945104"` | epoch µs, formatted by `decode`'s own function |
-//! | `time` | `"15:13:16.945104"` | µs since midnight, likewise |
+//! | `numeric`, `money` | `"1234.56"` (the value's scale; `double` mode: a double) | `col::text` (`col::float8::text`) |
+//! | `real` | the shortest decimal of its float32 (`decode::float32`) | `col::text`, parsed as a float32 |
+//! | `double precision` | the double (`"NaN"`, `"Infinity"`, `"-Infinity"` as text) | `col::text`, parsed |
+//! | `timestamp` | `"2018-06-20T13:13:16.945104"` (`connect`: ms) | epoch µs, formatted by `decode`'s own function |
+//! | `time` | `"15:13:16.945104"` (`connect`: ms) | µs since midnight, likewise |
 //! | `timestamptz` | `"2018-06-20T13:13:16.945104Z"` (UTC, the column's fractional digits) | `to_char` |
+//! | `timetz` | `"11:14:15.5Z"` (Debezium's `ZonedTime`: UTC, `ISO_OFFSET_TIME`) | µs since midnight in UTC, formatted here |
 //! | `json`, `jsonb` | the JSON text | `col::text` |
 //! | `bytea` | base64 | `encode(col, 'base64')` |
-//! | `interval` | µs (`MicroDuration`; months counted as 30 days) | `extract(epoch)` µs |
-//! | everything else (integers, floats, booleans, text, `char(n)`, uuid, enums, `date`, arrays) | its JSON | `to_jsonb(col)` |
+//! | `interval` | µs (`MicroDuration`: Debezium's own double arithmetic, a month = 30.4375 days) | its fields, computed as Debezium does |
+//! | everything else (integers, booleans, text, `char(n)`, uuid, enums, `date`, arrays) | its JSON | `to_jsonb(col)` |
 //!
 //! Types outside this table compare by their JSON (`to_jsonb`), which may differ from what
 //! Debezium sends for them: such a column shows as `stale` on every row.
@@ -38,10 +42,27 @@ use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
 use sqlx::{AssertSqlSafe, ConnectOptions, Row as _};
 
-use crate::config::redact_url;
+use crate::config::{DecimalHandlingMode, ReconcileConfig, TimePrecisionMode, redact_url};
 use crate::error::StageError;
 use crate::mapping::CompiledRule;
 use crate::model::{DocumentKey, Row};
+
+/// How the connector sends values (its `decimal.handling.mode` and `time.precision.mode`),
+/// which decides how reconcile reads them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ValueModes {
+    pub decimal: DecimalHandlingMode,
+    pub time: TimePrecisionMode,
+}
+
+impl ValueModes {
+    pub fn of(config: &ReconcileConfig) -> ValueModes {
+        ValueModes {
+            decimal: config.decimal_handling_mode,
+            time: config.time_precision_mode,
+        }
+    }
+}
 
 /// How one column's value is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,12 +77,42 @@ enum Kind {
     Bytea,
     /// UTC ISO text with the column's fractional digits.
     TimestampTz(u8),
-    /// µs since the epoch, formatted in Rust.
-    MicroTimestamp,
-    /// µs since midnight, formatted in Rust.
-    MicroTime,
-    /// µs (Debezium's `MicroDuration`).
+    /// µs since the epoch, formatted in Rust; `millis`: cut to milliseconds first
+    /// (`time.precision.mode=connect`).
+    MicroTimestamp { millis: bool },
+    /// µs since midnight, formatted in Rust; `millis` likewise.
+    MicroTime { millis: bool },
+    /// `interval`: Debezium's `MicroDuration`, computed from the interval's fields.
     MicroDuration,
+    /// `real`: the shortest decimal of its float32.
+    Float32,
+    /// A double: `double precision`, and `numeric`/`money` under `decimal.handling.mode=double`
+    /// (the cast that makes one of the column).
+    Float64(&'static str),
+    /// `timetz`: Debezium's `ZonedTime` (UTC).
+    ZonedTime,
+}
+
+/// How a column of type `type_name` (its category, its typmod) is read.
+fn kind_of(category: &str, type_name: &str, typmod: i32, modes: ValueModes) -> Kind {
+    let double = modes.decimal == DecimalHandlingMode::Double;
+    let millis = modes.time == TimePrecisionMode::Connect;
+    match (category, type_name) {
+        ("A", _) => Kind::Json,
+        (_, "numeric") if double => Kind::Float64("::float8"),
+        (_, "money") if double => Kind::Float64("::numeric::float8"),
+        (_, "numeric" | "json" | "jsonb") => Kind::Text,
+        (_, "money") => Kind::Money,
+        (_, "float4") => Kind::Float32,
+        (_, "float8") => Kind::Float64(""),
+        (_, "bytea") => Kind::Bytea,
+        (_, "timestamptz") => Kind::TimestampTz(if typmod < 0 { 6 } else { typmod as u8 }),
+        (_, "timestamp") => Kind::MicroTimestamp { millis },
+        (_, "time") => Kind::MicroTime { millis },
+        (_, "timetz") => Kind::ZonedTime,
+        (_, "interval") => Kind::MicroDuration,
+        _ => Kind::Json,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -182,6 +233,7 @@ impl SourceTable {
     pub async fn describe(
         conn: &mut PgConnection,
         rule: &CompiledRule,
+        modes: ValueModes,
     ) -> Result<SourceTable, StageError> {
         let name = rule.rule.table.clone();
         let (schema, table) = name
@@ -221,17 +273,7 @@ impl SourceTable {
             if !kept {
                 continue;
             }
-            let kind = match (category.as_str(), type_name.as_str()) {
-                ("A", _) => Kind::Json,
-                (_, "numeric" | "json" | "jsonb") => Kind::Text,
-                (_, "money") => Kind::Money,
-                (_, "bytea") => Kind::Bytea,
-                (_, "timestamptz") => Kind::TimestampTz(if typmod < 0 { 6 } else { typmod as u8 }),
-                (_, "timestamp") => Kind::MicroTimestamp,
-                (_, "time") => Kind::MicroTime,
-                (_, "interval") => Kind::MicroDuration,
-                _ => Kind::Json,
-            };
+            let kind = kind_of(&category, &type_name, typmod, modes);
             columns.push(Column {
                 name: column,
                 kind,
@@ -282,9 +324,22 @@ impl SourceTable {
                 "to_jsonb(to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.FF{}\"Z\"'))",
                 digits.min(6)
             ),
-            Kind::MicroTimestamp | Kind::MicroTime | Kind::MicroDuration => {
+            Kind::MicroTimestamp { .. } | Kind::MicroTime { .. } => {
                 format!("to_jsonb((extract(epoch FROM {c}) * 1000000)::int8)")
             }
+            Kind::ZonedTime => format!(
+                "to_jsonb((extract(epoch FROM ({c} AT TIME ZONE 'UTC')::time) * 1000000)::int8)"
+            ),
+            // The fields PostgreSQL prints (and the JDBC driver parses back): months (years
+            // folded in), days, hours, minutes, and the seconds field in µs.
+            Kind::MicroDuration => format!(
+                "to_jsonb(CASE WHEN {c} IS NOT NULL THEN \
+                 ARRAY[(extract(year FROM {c}) * 12 + extract(month FROM {c}))::int8, \
+                 extract(day FROM {c})::int8, extract(hour FROM {c})::int8, \
+                 extract(minute FROM {c})::int8, extract(microseconds FROM {c})::int8] END)"
+            ),
+            Kind::Float32 => format!("to_jsonb({c}::text)"),
+            Kind::Float64(cast) => format!("to_jsonb({c}{cast}::text)"),
         }
     }
 
@@ -498,14 +553,89 @@ fn readable(kind: Kind, value: Value) -> Result<Value, String> {
         v.as_i64()
             .ok_or_else(|| format!("expected microseconds, got {v}"))
     };
+    // `connect` mode: Kafka Connect's millisecond types (the sub-millisecond digits cut).
+    let cut = |micros: i64, millis: bool| {
+        if millis {
+            micros.div_euclid(1000) * 1000
+        } else {
+            micros
+        }
+    };
+    let text = |v: &Value| {
+        v.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("expected a number's text, got {v}"))
+    };
     Ok(match (kind, &value) {
         (_, Value::Null) => Value::Null,
-        (Kind::MicroTimestamp, v) => {
-            Value::String(crate::decode::micro_timestamp_text(micros(v)?)?)
+        (Kind::MicroTimestamp { millis }, v) => Value::String(crate::decode::micro_timestamp_text(
+            cut(micros(v)?, millis),
+        )?),
+        (Kind::MicroTime { millis }, v) => {
+            Value::String(crate::decode::micro_time_text(cut(micros(v)?, millis))?)
         }
-        (Kind::MicroTime, v) => Value::String(crate::decode::micro_time_text(micros(v)?)?),
+        (Kind::ZonedTime, v) => Value::String(zoned_time_text(micros(v)?)?),
+        (Kind::MicroDuration, v) => {
+            let fields: Vec<i64> = v
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_i64).collect())
+                .unwrap_or_default();
+            let [months, days, hours, minutes, micros] = fields[..] else {
+                return Err(format!("expected the fields of an interval, got {v}"));
+            };
+            Value::from(micro_duration(months, days, hours, minutes, micros))
+        }
+        (Kind::Float32, v) => float_value(&text(v)?, |f| {
+            f.parse::<f32>()
+                .ok()
+                .map(|f| crate::decode::float32(f64::from(f)))
+        })?,
+        (Kind::Float64(_), v) => float_value(&text(v)?, |f| {
+            f.parse::<f64>()
+                .ok()
+                .map(|f| Some(f).filter(|f| f.is_finite()))
+        })?,
         _ => value,
     })
+}
+
+/// A float's text as PostgreSQL prints it → the stored value: the number, or (not finite)
+/// the text itself (`NaN`, `Infinity`, `-Infinity`: what Debezium's JSON converter writes).
+fn float_value(text: &str, parse: impl Fn(&str) -> Option<Option<f64>>) -> Result<Value, String> {
+    match parse(text) {
+        Some(Some(f)) => Ok(Value::from(f)),
+        Some(None) => Ok(Value::String(text.to_string())),
+        None => Err(format!("`{text}` is not a float")),
+    }
+}
+
+/// A `timetz` as Debezium's `ZonedTime` writes it (`DateTimeFormatter.ISO_OFFSET_TIME` of the
+/// UTC time): `HH:MM:SS`, the fraction without trailing zeros when there is one, then `Z`.
+fn zoned_time_text(micros: i64) -> Result<String, String> {
+    if !(0..=86_400_000_000).contains(&micros) {
+        return Err(format!("time of day {micros} µs is out of range"));
+    }
+    let (secs, fraction) = (micros / 1_000_000, micros % 1_000_000);
+    let mut text = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+    if fraction != 0 {
+        text.push('.');
+        text.push_str(format!("{fraction:06}").trim_end_matches('0'));
+    }
+    text.push('Z');
+    Ok(text)
+}
+
+/// Debezium's `MicroDuration.durationMicros(years, months, days, hours, minutes, seconds,
+/// 30.4375)` in its own double arithmetic (a month is 30.4375 days, the seconds a double of
+/// the JDBC driver's whole seconds and µs, the result truncated), from the interval's fields
+/// as PostgreSQL prints them.
+fn micro_duration(months: i64, days: i64, hours: i64, minutes: i64, micros: i64) -> i64 {
+    const DAYS_PER_MONTH_AVG: f64 = 30.4375;
+    let seconds = (micros / 1_000_000) as f64 + (micros % 1_000_000) as f64 / 1_000_000.0;
+    let number_of_days = months as f64 * DAYS_PER_MONTH_AVG + days as f64;
+    let number_of_seconds =
+        ((number_of_days * 24.0 + hours as f64) * 60.0 + minutes as f64) * 60.0 + seconds;
+    (number_of_seconds * 1_000_000.0 + 0.0) as i64
 }
 
 /// Opens the snapshot a table is read in: `REPEATABLE READ READ ONLY`, and the WAL position
@@ -547,17 +677,141 @@ mod tests {
 
     #[test]
     fn microsecond_columns_read_as_the_pipeline_stores_them() {
+        let exact = Kind::MicroTimestamp { millis: false };
         assert_eq!(
-            readable(Kind::MicroTimestamp, serde_json::json!(1529507596945104i64)).unwrap(),
+            readable(exact, serde_json::json!(1529507596945104i64)).unwrap(),
             serde_json::json!("2018-06-20T15:13:16.945104")
         );
         assert_eq!(
-            readable(Kind::MicroTime, serde_json::json!(54796945104i64)).unwrap(),
+            readable(
+                Kind::MicroTime { millis: false },
+                serde_json::json!(54796945104i64)
+            )
+            .unwrap(),
             serde_json::json!("15:13:16.945104")
         );
         assert_eq!(
             readable(Kind::Json, serde_json::json!([1, "a"])).unwrap(),
             serde_json::json!([1, "a"])
         );
+        // time.precision.mode=connect: milliseconds, floored as Java's toEpochMilli does.
+        let millis = Kind::MicroTimestamp { millis: true };
+        assert_eq!(
+            readable(millis, serde_json::json!(946684800000001i64)).unwrap(),
+            serde_json::json!("2000-01-01T00:00:00")
+        );
+        assert_eq!(
+            readable(millis, serde_json::json!(-14182939499500i64)).unwrap(),
+            serde_json::json!("1969-07-20T20:17:40.500")
+        );
+        assert_eq!(
+            readable(
+                Kind::MicroTime { millis: true },
+                serde_json::json!(43200123456i64)
+            )
+            .unwrap(),
+            serde_json::json!("12:00:00.123")
+        );
+    }
+
+    /// Which kind each type is read as, under the connector's modes.
+    #[test]
+    fn column_kinds_follow_the_type_and_the_connectors_modes() {
+        let default = ValueModes::default();
+        let double = ValueModes {
+            decimal: DecimalHandlingMode::Double,
+            ..default
+        };
+        let connect = ValueModes {
+            time: TimePrecisionMode::Connect,
+            ..default
+        };
+        assert_eq!(kind_of("N", "numeric", 655366, default), Kind::Text);
+        assert_eq!(
+            kind_of("N", "numeric", -1, double),
+            Kind::Float64("::float8")
+        );
+        assert_eq!(kind_of("N", "money", -1, default), Kind::Money);
+        assert_eq!(
+            kind_of("N", "money", -1, double),
+            Kind::Float64("::numeric::float8")
+        );
+        assert_eq!(kind_of("N", "float4", -1, default), Kind::Float32);
+        assert_eq!(kind_of("N", "float8", -1, double), Kind::Float64(""));
+        assert_eq!(kind_of("D", "timetz", -1, default), Kind::ZonedTime);
+        assert_eq!(kind_of("T", "interval", -1, default), Kind::MicroDuration);
+        assert_eq!(
+            kind_of("D", "timestamp", -1, connect),
+            Kind::MicroTimestamp { millis: true }
+        );
+        assert_eq!(
+            kind_of("D", "time", -1, default),
+            Kind::MicroTime { millis: false }
+        );
+        assert_eq!(
+            kind_of("D", "timestamptz", 3, connect),
+            Kind::TimestampTz(3)
+        );
+        assert_eq!(kind_of("A", "_float4", -1, double), Kind::Json);
+    }
+
+    /// Floats as the pipeline stores them: a double exactly, a float32 by its shortest
+    /// decimal (`decode::float32`), the non-finite ones as the JSON converter's text.
+    #[test]
+    fn floats_read_as_the_pipeline_stores_them() {
+        let read = |kind, text: &str| readable(kind, serde_json::json!(text)).unwrap();
+        let double = Kind::Float64("");
+        assert_eq!(read(double, "1e+20"), serde_json::json!(1e20));
+        assert_eq!(read(double, "-3.5e+10"), serde_json::json!(-3.5e10));
+        assert_eq!(read(double, "2"), serde_json::json!(2.0));
+        assert_eq!(
+            read(double, "0.30000000000000004"),
+            serde_json::json!(0.1 + 0.2)
+        );
+        assert_eq!(read(double, "NaN"), serde_json::json!("NaN"));
+        assert_eq!(read(double, "-Infinity"), serde_json::json!("-Infinity"));
+        assert_eq!(read(Kind::Float32, "-3.5e+10"), serde_json::json!(-3.5e10));
+        assert_eq!(read(Kind::Float32, "0.1"), serde_json::json!(0.1));
+        assert_eq!(
+            read(Kind::Float32, "Infinity"),
+            serde_json::json!("Infinity")
+        );
+        assert!(readable(double, serde_json::json!("x")).is_err());
+    }
+
+    /// `timetz` as Debezium's `ZonedTime` (`ISO_OFFSET_TIME` in UTC), as it was seen on
+    /// Debezium 3.6.3's output.
+    #[test]
+    fn a_timetz_reads_as_debeziums_zoned_time() {
+        let read = |micros: i64| readable(Kind::ZonedTime, serde_json::json!(micros)).unwrap();
+        assert_eq!(read(25_199_999_999), serde_json::json!("06:59:59.999999Z"));
+        assert_eq!(read(0), serde_json::json!("00:00:00Z"));
+        assert_eq!(read(25_200_500_000), serde_json::json!("07:00:00.5Z"));
+        assert_eq!(read(40_455_120_000), serde_json::json!("11:14:15.12Z"));
+    }
+
+    /// `interval` as Debezium's `MicroDuration`: the expected figures are what Debezium
+    /// 3.6.3 itself computes (`MicroDuration.durationMicros` over the JDBC driver's
+    /// `PGInterval` of the same text), not PostgreSQL's `extract(epoch)` (30-day months).
+    #[test]
+    fn an_interval_reads_as_debeziums_micro_duration() {
+        let read = |fields: [i64; 5]| {
+            readable(Kind::MicroDuration, serde_json::json!(fields))
+                .unwrap()
+                .as_i64()
+                .unwrap()
+        };
+        // '1 year 2 mons 3 days 04:05:06.789'
+        assert_eq!(read([14, 3, 4, 5, 6_789_000]), 37_091_106_789_000);
+        // '-1 years -2 mons +3 days -04:05:06.5'
+        assert_eq!(read([-14, 3, -4, -5, -6_500_000]), -36_572_706_500_000);
+        // '1 mon'
+        assert_eq!(read([1, 0, 0, 0, 0]), 2_629_800_000_000);
+        // '-1 days +02:00:00'
+        assert_eq!(read([0, -1, 2, 0, 0]), -79_200_000_000);
+        // '00:00:00.000001', '100 years'
+        assert_eq!(read([0, 0, 0, 0, 1]), 1);
+        assert_eq!(read([1200, 0, 0, 0, 0]), 3_155_760_000_000_000);
+        assert!(readable(Kind::MicroDuration, serde_json::json!([1, 2])).is_err());
     }
 }
