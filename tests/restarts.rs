@@ -319,7 +319,7 @@ async fn a_message_that_crashes_the_daemon_is_dead_lettered_alone() {
         let mut d = w.start_with(&env);
         let start = Instant::now();
         let mut died = false;
-        while start.elapsed() < Duration::from_secs(60) {
+        while start.elapsed() < Duration::from_secs(180) {
             if d.child.try_wait().expect("try_wait").is_some() {
                 died = true;
                 break;
@@ -334,8 +334,13 @@ async fn a_message_that_crashes_the_daemon_is_dead_lettered_alone() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         if !died {
-            assert!(d.sigterm().success());
-            break;
+            let status = d.sigterm();
+            if status.success() {
+                break;
+            }
+            // It met the culprit while finishing what it had received: a crash like any other.
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(status.signal(), Some(6), "{status}: {}", d.log());
         }
         crashes += 1;
         assert!(
