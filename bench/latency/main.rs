@@ -12,14 +12,20 @@
 //!   `--duration` s each: per update commit → broker → searchable (`track.rs`) and the
 //!   daemon's `delivery_to_ack_seconds` histogram over the phase;
 //! - `backlog`: `--backlog` updates queued while no daemon runs, drained by a fresh daemon
-//!   with the default `batch_idle_ms`, then again with `batch_idle_ms = batch_max_wait_ms`;
+//!   with the default `batch_idle_ms`, then again with `batch_idle_ms = batch_max_wait_ms`,
+//!   alternating, `--backlog-rounds` times;
 //! - `poll`: the highest load again with Debezium's default `poll.interval.ms` (500) instead
 //!   of the runner's (`--poll-ms`, default 50).
 //!
 //! ```text
 //! cargo build && cargo run --example bench-latency -- [--smoke] [--rows N] [--burst N]
-//!     [--backlog N] [--duration S] [--loads 10,50] [--poll-ms 50] [--compare-poll-ms 500]
-//!     [--search-every 10] [--probe-ms 20] [--capacity R] [--phases LIST] [--daemon PATH]
+//!     [--backlog N] [--backlog-rounds 2] [--duration S] [--loads 10,50] [--poll-ms 50]
+//!     [--compare-poll-ms 500] [--search-every 10] [--probe-ms 20] [--capacity R]
+//!     [--phases LIST] [--daemon PATH] [--pg-url URL]
+//! ```
+//! `--smoke` = `--rows 400 --burst 200 --backlog 1000 --duration 30` (a few minutes); the
+//! defaults (`--rows 2000 --burst 1000 --backlog 3000 --duration 120`) are the full size.
+//! ```text
 //! ```
 
 #[allow(dead_code)]
@@ -53,6 +59,7 @@ struct Args {
     search_every: u64,
     probe_ms: u64,
     capacity: Option<f64>,
+    backlog_rounds: u64,
     phases: Vec<String>,
     daemon: Option<PathBuf>,
     pg_url: String,
@@ -60,8 +67,8 @@ struct Args {
 
 fn usage(problem: &str) -> ! {
     eprintln!(
-        "{problem}\nusage: bench-latency [--smoke] [--rows N] [--burst N] [--backlog N] [--duration S] \
-         [--loads 10,50] [--poll-ms 50] [--compare-poll-ms 500] [--search-every 10] [--probe-ms 20] \
+        "{problem}\nusage: bench-latency [--smoke] [--rows N] [--burst N] [--backlog N] [--backlog-rounds 2] \
+         [--duration S] [--loads 10,50] [--poll-ms 50] [--compare-poll-ms 500] [--search-every 10] [--probe-ms 20] \
          [--capacity R] [--phases {}] [--daemon PATH] [--pg-url URL]",
         PHASES.join(",")
     );
@@ -80,6 +87,7 @@ fn args() -> Args {
         search_every: 10,
         probe_ms: 20,
         capacity: None,
+        backlog_rounds: 2,
         phases: PHASES.iter().map(|s| s.to_string()).collect(),
         daemon: None,
         pg_url: "postgres://postgres:postgres@127.0.0.1:54329/postgres".into(),
@@ -107,6 +115,7 @@ fn args() -> Args {
             "--search-every" => a.search_every = num(value()).max(1.0) as u64,
             "--probe-ms" => a.probe_ms = num(value()).max(1.0) as u64,
             "--capacity" => a.capacity = Some(num(value())),
+            "--backlog-rounds" => a.backlog_rounds = num(value()).max(1.0) as u64,
             "--phases" => {
                 a.phases = value().split(',').map(|s| s.trim().to_string()).collect();
                 if let Some(bad) = a.phases.iter().find(|p| !PHASES.contains(&p.as_str())) {
@@ -281,12 +290,16 @@ async fn run(a: &Args, rabbit: &rabbit::Rabbit, prefix: &str) -> anyhow::Result<
                 vec![("CDC_INDEXER__PIPELINE__BATCH_IDLE_MS", max_wait.to_string())],
             ),
         ];
-        for (i, (label, env)) in runs.iter().enumerate() {
-            eprintln!("backlog: {} updates, {label}", a.backlog);
-            let drain =
-                phases::backlog(&mut w, &setup, &format!("backlog-{i}"), env, a.backlog).await?;
-            eprintln!("  {:.1} events/s", drain.rate());
-            drains.push(drain);
+        // Alternating rounds: the machine's other load drifts, the comparison should not.
+        for round in 1..=a.backlog_rounds {
+            for (i, (label, env)) in runs.iter().enumerate() {
+                eprintln!("backlog round {round}: {} updates, {label}", a.backlog);
+                let name = format!("backlog-{round}-{i}");
+                let mut drain = phases::backlog(&mut w, &setup, &name, env, a.backlog).await?;
+                drain.label = label.clone();
+                eprintln!("  {:.1} events/s", drain.rate());
+                drains.push(drain);
+            }
         }
         d = setup.start("default-again", &[]).await?;
         tracker.set_search(&d.search);

@@ -226,11 +226,11 @@ pub fn print_summary(capacity: &[Capacity], loads: &[Load], drains: &[Drain], he
     }
     if !drains.is_empty() {
         println!(
-            "\nbacklog drained by a fresh daemon (queued before it started; /readyz → ack of the last):"
+            "\nbacklog drained by a fresh daemon (queued before it started; /readyz → ack of the last), rounds alternating:"
         );
         for d in drains {
             println!(
-                "  {:<52} {:>6} events {:>8.1} events/s  {:>5.0} batches ({:>5.1} events each)  {} of {} then searchable (or superseded by a later update of the row)",
+                "  {:<46} {:>6} events {:>8.1} events/s  {:>4.0} batches ({:>5.1} events each)  {} of {} then searchable (or superseded by a later update of the row)",
                 d.label,
                 d.events,
                 d.rate(),
@@ -240,8 +240,24 @@ pub fn print_summary(capacity: &[Capacity], loads: &[Load], drains: &[Drain], he
                 d.events
             );
         }
-        if let [a, b] = drains {
-            println!("  ratio: {:.2}", a.rate() / b.rate().max(1e-9));
+        let mut labels: Vec<&str> = drains.iter().map(|d| d.label.as_str()).collect();
+        labels.dedup();
+        labels.truncate(2);
+        let rate = |label: &str| {
+            let (events, secs) = drains
+                .iter()
+                .filter(|d| d.label == label)
+                .fold((0.0, 0.0), |(e, s), d| (e + d.events as f64, s + d.secs));
+            events / f64::max(secs, 1e-9)
+        };
+        for label in &labels {
+            println!("  {label:<46} all rounds: {:.1} events/s", rate(label));
+        }
+        if let [a, b] = labels[..] {
+            println!(
+                "  ratio {:.2} (adaptive / linger)",
+                rate(a) / rate(b).max(1e-9)
+            );
         }
     }
 }

@@ -191,7 +191,8 @@ pub async fn tap(conn: &lapin::Connection, exchange: &str, tracker: Tracker) -> 
 }
 
 /// Polls the daemon's search port every `every` while probing is on: one `/index/states`
-/// request for every update not yet written, then one `/search` per sampled update that is.
+/// request for every update at the broker and not yet written, then one `/search` per
+/// sampled update that is written (none when nothing is pending: a light load costs little).
 pub fn probe(table: String, every: Duration, tracker: Tracker) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let client = client();
@@ -208,7 +209,8 @@ pub fn probe(table: String, every: Duration, tracker: Tracker) -> tokio::task::J
                     .updates
                     .values()
                     .filter(|u| {
-                        u.commit.is_some() && u.written.is_none() && !u.superseded && !u.gave_up
+                        // Not before the broker has it: nothing to find until then.
+                        u.broker.is_some() && u.written.is_none() && !u.superseded && !u.gave_up
                     })
                     .map(|u| (u.seq, u.id, u.hash.clone()))
                     .collect();
