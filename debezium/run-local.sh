@@ -4,7 +4,11 @@
 #   2. starts (idempotently) the logical-decoding PostgreSQL cluster (debezium/pg/start.sh),
 #   3. loads debezium/sql/schema.sql if public.products does not exist yet,
 #   4. runs debezium/runner.py in the foreground (real Debezium engine -> RabbitMQ, publishing
-#      exactly like Debezium Server's RabbitMQ sink). Ctrl-C / SIGTERM stops it cleanly.
+#      exactly like Debezium Server's RabbitMQ sink). Ctrl-C / SIGTERM stops it cleanly: the
+#      runner replaces this script's process (exec), so a SIGTERM to this pid (systemd, a
+#      script, kill) reaches it, it finishes the in-flight batch and exits 0; before the runner
+#      starts, the signal just ends the script (tests/e2e_debezium.rs,
+#      run_local_sh_stopped_with_sigterm_stops_the_runner).
 #
 # usage: debezium/run-local.sh [--reset] [--no-install] [runner options...]
 #   --reset        start over: drop and reload the products table, drop the replication slot and
@@ -104,6 +108,7 @@ else
 fi
 
 # 4. runner (foreground) ------------------------------------------------------------------------
+# exec, not a child: the runner gets this pid, and with it every signal sent to the script.
 export DBZ_PG_HOST=${DBZ_PG_HOST:-$PGHOST_CDC} DBZ_PG_PORT=${DBZ_PG_PORT:-$PGPORT_CDC}
 export DBZ_PG_USER=${DBZ_PG_USER:-$PGUSER_CDC} DBZ_PG_PASSWORD=${DBZ_PG_PASSWORD:-$PGPASSWORD_CDC}
 export DBZ_PG_DATABASE=${DBZ_PG_DATABASE:-$PGDATABASE_CDC}

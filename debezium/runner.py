@@ -166,6 +166,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "$REPO/.data/debezium/offsets-<slot>.dat [env DBZ_OFFSETS_FILE]")
     g.add_argument("--engine-name", default=_env("DBZ_ENGINE_NAME", default="cdc-indexer-local"),
                    help="engine 'name' property [env DBZ_ENGINE_NAME]")
+    g.add_argument("--poll-interval-ms", type=int,
+                   default=int(_env("DBZ_POLL_INTERVAL_MS", default="50")),
+                   help="poll.interval.ms: how long a batch lingers for more records, and how "
+                        "long the PostgreSQL stream sleeps when idle; each change waits up to "
+                        "about twice this (Debezium's default 500; see application.properties) "
+                        "[env DBZ_POLL_INTERVAL_MS]")
+    g.add_argument("--max-batch-size", type=int,
+                   default=int(_env("DBZ_MAX_BATCH_SIZE", default="2048")),
+                   help="max.batch.size: records per batch; a full batch is handed over at once "
+                        "[env DBZ_MAX_BATCH_SIZE]")
     g.add_argument("--errors-max-retries", type=int,
                    default=int(_env("DBZ_ERRORS_MAX_RETRIES", default="10")),
                    help="errors.max.retries for retriable connector errors (-1 = forever) "
@@ -216,6 +226,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     Path(args.offsets_file).parent.mkdir(parents=True, exist_ok=True)
     if args.ack_timeout_ms <= 0:
         raise Fatal(EXIT_USAGE, "--ack-timeout-ms must be > 0")
+    if args.poll_interval_ms <= 0 or args.max_batch_size <= 0:
+        raise Fatal(EXIT_USAGE, "--poll-interval-ms and --max-batch-size must be > 0")
     if args.routing_key_source == "static" and args.exchange == "" and args.routing_key == "":
         log.warning("exchange '' (per-topic) with an empty static routing key")
     extra = list(args.property)
@@ -258,6 +270,9 @@ def engine_properties(args: argparse.Namespace) -> dict[str, str]:
         "snapshot.mode": args.snapshot_mode,
         "tombstones.on.delete": "true",
         "errors.max.retries": str(args.errors_max_retries),
+        # freshness (application.properties explains the trade-off)
+        "poll.interval.ms": str(args.poll_interval_ms),
+        "max.batch.size": str(args.max_batch_size),
         # format: debezium.format.{key,value,header}=json with schemas enabled
         "key.converter.schemas.enable": "true",
         "value.converter.schemas.enable": "true",
@@ -913,6 +928,8 @@ def run(args: argparse.Namespace) -> int:
     shown = {k: ("***" if "password" in k else v) for k, v in props.items()}
     log.info("config: exchange=%r routing_key_source=%s amqp=%s", args.exchange,
              args.routing_key_source, _redact_url(args.amqp_url))
+    log.info("config: poll.interval.ms=%s max.batch.size=%s", props["poll.interval.ms"],
+             props["max.batch.size"])
     log.info("config: postgres %s:%d/%s slot=%s (drop on stop: %s) offsets=%s%s",
              args.pg_host, args.pg_port, args.pg_database, args.slot_name,
              "yes" if args.drop_slot_on_stop else "no", args.offsets_file,

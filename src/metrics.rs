@@ -291,7 +291,7 @@ impl Metrics {
             )?,
             delivery_to_ack_seconds: histogram(
                 "delivery_to_ack_seconds",
-                "Delay from a delivery's arrival at the daemon to its ack: the daemon's own share of the lag.",
+                "Delay from a delivery's arrival at the daemon (its wait in the prefetch buffer included) to its ack: the daemon's own share of the lag.",
                 SHARE_BUCKETS.to_vec(),
             )?,
             last_lag_seconds,

@@ -166,3 +166,223 @@ async fn postgres_changes_reach_search_through_real_debezium() {
     psql(&format!("DROP TABLE public.{table}"));
     w.cleanup().await;
 }
+
+/// The runner processes of one slot: pids whose command line is `runner.py … <slot> …`
+/// (zombies left out). With `exec`, the script's own pid is one of them once it runs.
+fn runner_pids(slot: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let runner = args.iter().any(|a| a.ends_with("debezium/runner.py"));
+        if !runner || !args.iter().any(|a| a == slot) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        if !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// `debezium/run-local.sh` as an operator (or systemd) runs it, in a session of its own.
+fn run_local(w: &World, slot: &str, table: &str, log: &std::path::Path) -> Child {
+    let dir = w.dir.path();
+    Command::new(format!("{REPO}/debezium/run-local.sh"))
+        .args([
+            "--no-install",
+            "--exchange",
+            &w.exchange,
+            "--slot-name",
+            slot,
+            "--publication-name",
+            &format!("pub_{slot}"),
+            "--drop-slot-on-stop",
+            "--offsets-file",
+            path_str(&dir.join(format!("{slot}.offsets"))),
+            "--ready-file",
+            path_str(&dir.join(format!("{slot}.ready"))),
+            "--table-include-list",
+            &format!("public.{table}"),
+            "--exchange-wait",
+            "60",
+        ])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(log).expect("log"))
+        .stderr(std::fs::File::create(log.with_extension("err")).expect("log"))
+        .spawn()
+        .expect("spawn run-local.sh")
+}
+
+fn log_has(log: &std::path::Path, needle: &str) -> bool {
+    std::fs::read_to_string(log.with_extension("err"))
+        .unwrap_or_default()
+        .contains(needle)
+}
+
+fn wait_for(what: &str, timeout: Duration, log: &std::path::Path, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: not within {timeout:?}; run-local.sh's log:\n{}",
+            std::fs::read_to_string(log.with_extension("err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGTERM to the script's pid; its exit status, and how long the runner took to go.
+fn sigterm_and_wait(
+    script: &mut Child,
+    slot: &str,
+    log: &std::path::Path,
+) -> (std::process::ExitStatus, Duration) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &script.id().to_string()])
+        .status();
+    let start = Instant::now();
+    let deadline = Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = script.try_wait().expect("try_wait") {
+            break status;
+        }
+        if start.elapsed() > deadline {
+            let _ = script.kill();
+            panic!(
+                "run-local.sh still running {deadline:?} after SIGTERM:\n{}",
+                std::fs::read_to_string(log.with_extension("err")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    while !runner_pids(slot).is_empty() {
+        assert!(
+            start.elapsed() < deadline,
+            "the runner of {slot} still runs {deadline:?} after SIGTERM to run-local.sh (pids {:?})",
+            runner_pids(slot)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (status, start.elapsed())
+}
+
+fn slot_exists(slot: &str) -> bool {
+    common::debezium::psql_query(&format!(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+    )) != "0"
+}
+
+/// `debezium/run-local.sh` stopped with SIGTERM on its own pid (as systemd or a script stops
+/// it) stops the Debezium runner — while it streams, while the runner starts, and before it
+/// starts — within a deadline, with a clean exit and, once the runner ran, its slot dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_local_sh_stopped_with_sigterm_stops_the_runner() {
+    common::debezium::pg_start();
+    let suffix = rand_suffix();
+    let table = format!("rl_{suffix}");
+    psql(&format!(
+        "CREATE TABLE public.{table} (id int PRIMARY KEY, name text NOT NULL)"
+    ));
+    let w = World::new(
+        "runlocal",
+        &format!(
+            "[[tables]]\ntable = \"public.{table}\"\nid_columns = [\"id\"]\ntext = \"{{name}}\"\n"
+        ),
+        "",
+    );
+    w.declare().await;
+
+    // 1. While it streams: the runner is the script's process (exec), and stops gracefully.
+    let slot = format!("rl_{suffix}_a");
+    let log = w.dir.path().join("streaming.log");
+    let mut script = run_local(&w, &slot, &table, &log);
+    let ready = w.dir.path().join(format!("{slot}.ready"));
+    wait_for(
+        "the runner streaming",
+        Duration::from_secs(120),
+        &log,
+        || ready.exists(),
+    );
+    assert!(
+        !runner_pids(&slot).is_empty(),
+        "no runner process found for {slot}"
+    );
+    let (status, took) = sigterm_and_wait(&mut script, &slot, &log);
+    assert!(
+        status.success(),
+        "exit {status} after SIGTERM while streaming"
+    );
+    assert!(
+        log_has(&log, "clean shutdown after SIGTERM"),
+        "no clean shutdown in the log"
+    );
+    assert!(
+        !slot_exists(&slot),
+        "the slot {slot} survived a graceful stop"
+    );
+    assert!(!ready.exists(), "the ready file survived the stop");
+    println!("streaming: runner gone {took:?} after SIGTERM");
+
+    // 2. While the runner starts (JVM, engine): it stops before streaming, exit 0.
+    let slot = format!("rl_{suffix}_b");
+    let log = w.dir.path().join("starting.log");
+    let mut script = run_local(&w, &slot, &table, &log);
+    wait_for(
+        "the runner starting",
+        Duration::from_secs(120),
+        &log,
+        || log_has(&log, "[runner]"),
+    );
+    let (status, took) = sigterm_and_wait(&mut script, &slot, &log);
+    assert!(
+        status.success(),
+        "exit {status} after SIGTERM while the runner started"
+    );
+    assert!(
+        !slot_exists(&slot),
+        "the slot {slot} survived a stop during startup"
+    );
+    println!("starting: runner gone {took:?} after SIGTERM");
+
+    // 3. Before the runner starts (the script is still preparing PostgreSQL): the script ends
+    //    there, by the signal, and no runner is started later.
+    let slot = format!("rl_{suffix}_c");
+    let log = w.dir.path().join("preparing.log");
+    let mut script = run_local(&w, &slot, &table, &log);
+    wait_for(
+        "the script preparing",
+        Duration::from_secs(60),
+        &log,
+        || log_has(&log, "[pg-cdc]"),
+    );
+    let (status, _) = sigterm_and_wait(&mut script, &slot, &log);
+    use std::os::unix::process::ExitStatusExt;
+    let early = status.signal() == Some(15) && !log_has(&log, "[runner]");
+    assert!(
+        status.success() || early,
+        "exit {status} after SIGTERM while preparing"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        runner_pids(&slot).is_empty(),
+        "a runner started after the stop"
+    );
+    assert!(!slot_exists(&slot), "a slot was created after the stop");
+
+    psql(&format!("DROP TABLE public.{table}"));
+    for s in ["a", "b", "c"] {
+        psql(&format!("DROP PUBLICATION IF EXISTS pub_rl_{suffix}_{s}"));
+    }
+    w.cleanup().await;
+}

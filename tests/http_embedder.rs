@@ -338,3 +338,61 @@ async fn columns_with_reserved_names_reach_the_python_indexer() {
     );
     w.cleanup().await;
 }
+
+/// An OpenAI-compatible `/v1/embeddings` that takes `latency` per request (a slow model):
+/// unit vectors of 384 values. Its base URL (up to `/v1`, without it).
+async fn slow_embedder(latency: Duration) -> String {
+    let app = axum::Router::new().route(
+        "/v1/embeddings",
+        axum::routing::post(move |body: axum::body::Bytes| async move {
+            let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let n = match &request["input"] {
+                serde_json::Value::Array(items) => items.len(),
+                _ => 1,
+            };
+            tokio::time::sleep(latency).await;
+            let mut unit = vec![0.0f32; 384];
+            unit[0] = 1.0;
+            let data: Vec<serde_json::Value> = (0..n)
+                .map(|i| serde_json::json!({"index": i, "embedding": unit}))
+                .collect();
+            axum::Json(serde_json::json!({"data": data, "model": "slow"}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// The daemon's own share (`cdc_indexer_delivery_to_ack_seconds`) starts when the daemon
+/// receives a delivery, not when a batch takes it: a change that arrives while the batch
+/// before it is being embedded waits in the prefetch buffer, and that wait is the daemon's.
+/// A embeds for 2 s; B arrives 0.2 s after A, waits ~1.8 s for A's embedding, then embeds
+/// 2 s itself: its share is ~3.8 s (counted from the batch taking it, ~2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_share_counts_the_wait_in_its_prefetch_buffer() {
+    let latency = Duration::from_secs(2);
+    let url = slow_embedder(latency).await;
+    let w = http_world("share", &url, "dimensions = 384\n");
+    w.declare().await;
+    let mut d = w.start();
+    d.wait_ready(Duration::from_secs(60));
+    publish_names(&w, &[(1, "alpha")]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    publish_names(&w, &[(2, "beta")]).await;
+    d.wait_processed(2.0, Duration::from_secs(60));
+    let count = d.metric_sum("cdc_indexer_delivery_to_ack_seconds_count");
+    let sum = d.metric_sum("cdc_indexer_delivery_to_ack_seconds_sum");
+    assert!(d.sigterm().success());
+    assert_eq!(count, 2.0);
+    // A: >= 2 s; B: >= 2 s of its own embedding + ~1.8 s behind A's.
+    let least = 2.0 * latency.as_secs_f64() + latency.as_secs_f64() - 0.2 - 0.5;
+    assert!(
+        sum >= least,
+        "the two shares sum to {sum:.2} s, less than {least:.2} s: B's wait behind A is not counted"
+    );
+    w.cleanup().await;
+}

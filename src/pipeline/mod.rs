@@ -22,17 +22,18 @@
 mod admit;
 pub mod crash_guard;
 mod process;
+mod received;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
-use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Channel, Connection};
+use received::{Deliveries, Received};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::Admitted;
@@ -85,7 +86,7 @@ pub struct Pipeline {
 struct Session {
     connection: Connection,
     channel: Channel,
-    consumer: Consumer,
+    consumer: Deliveries,
     dead_letters: DeadLetterPublisher,
     /// Fires the moment the broker closes the connection or a channel.
     lost: CancellationToken,
@@ -102,6 +103,7 @@ pub(crate) struct Batch {
     ids: Vec<MessageId>,
     /// One suspect delivery processed alone.
     isolated: bool,
+    /// When the daemon received each delivery (`received.rs`): the start of its share.
     received: Vec<Instant>,
 }
 
@@ -282,7 +284,7 @@ impl Pipeline {
         Ok(Session {
             connection,
             channel,
-            consumer,
+            consumer: Deliveries::new(consumer),
             dead_letters,
             lost,
         })
@@ -305,7 +307,7 @@ impl Pipeline {
         };
         let deadline = Duration::from_millis(self.config.pipeline.shutdown_deadline_ms);
         let mut stop_by: Option<tokio::time::Instant> = None;
-        let mut held: VecDeque<Delivery> = VecDeque::new();
+        let mut held: VecDeque<Received> = VecDeque::new();
         let mut ready: Option<Box<process::Prepared>> = None;
         let mut idle_since = Some(Instant::now());
         let result = loop {
@@ -395,8 +397,8 @@ impl Pipeline {
     async fn step(
         &self,
         out: &process::Outbox<'_>,
-        consumer: &mut Consumer,
-        held: &mut VecDeque<Delivery>,
+        consumer: &mut Deliveries,
+        held: &mut VecDeque<Received>,
         ready: Option<Box<process::Prepared>>,
         draining: bool,
     ) -> Result<Step, StageError> {
@@ -461,8 +463,8 @@ impl Pipeline {
     async fn widen_if_due(
         &self,
         channel: &Channel,
-        consumer: &mut Consumer,
-        held: &mut VecDeque<Delivery>,
+        consumer: &mut Deliveries,
+        held: &mut VecDeque<Received>,
     ) -> Result<(), StageError> {
         use std::sync::atomic::Ordering::Relaxed;
         if !(self.widen.swap(false, Relaxed) && self.narrow.swap(false, Relaxed)) {
@@ -486,15 +488,17 @@ impl Pipeline {
             .basic_qos(self.config.broker.prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| amqp_error("basic.qos", e))?;
-        *consumer = channel
-            .basic_consume(
-                self.config.topology.queue.as_str().into(),
-                self.use_consumer_tag(WIDE_CONSUMER_TAG).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| amqp_error("basic.consume", e))?;
+        *consumer = Deliveries::new(
+            channel
+                .basic_consume(
+                    self.config.topology.queue.as_str().into(),
+                    self.use_consumer_tag(WIDE_CONSUMER_TAG).into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| amqp_error("basic.consume", e))?,
+        );
         tracing::debug!(
             prefetch = self.config.broker.prefetch,
             "crash suspects done; prefetch window open"
@@ -543,8 +547,8 @@ impl Pipeline {
     /// fit the previous batch; those a replaced consumer still had), taken first.
     async fn collect(
         &self,
-        consumer: &mut Consumer,
-        held: &mut VecDeque<Delivery>,
+        consumer: &mut Deliveries,
+        held: &mut VecDeque<Received>,
         draining: bool,
     ) -> Result<(Batch, Intake), StageError> {
         let c = &self.config.pipeline;
@@ -574,8 +578,8 @@ impl Pipeline {
         let mut next = Some(first);
         let mut intake = Intake::Open;
         while let Some(d) = next.take() {
-            let id = message_id(d.routing_key.as_str(), &d.data);
-            let verdict = if d.redelivered {
+            let id = message_id(d.delivery.routing_key.as_str(), &d.delivery.data);
+            let verdict = if d.delivery.redelivered {
                 self.lock_guard().verdict(&id)
             } else {
                 Verdict::Normal
@@ -590,18 +594,18 @@ impl Pipeline {
                     break;
                 }
                 DeliveryIsolated {
-                    routing_key: d.routing_key.as_str(),
+                    routing_key: d.delivery.routing_key.as_str(),
                 }
                 .emit(&self.metrics);
                 batch.isolated = true;
                 self.add(&mut batch, d, id, None);
                 break;
             }
-            if !batch.is_empty() && bytes + d.data.len() > c.batch_max_bytes {
+            if !batch.is_empty() && bytes + d.delivery.data.len() > c.batch_max_bytes {
                 held.push_front(d);
                 break;
             }
-            bytes += d.data.len();
+            bytes += d.delivery.data.len();
             let crash_loop = match verdict {
                 Verdict::CrashLoop(s) => Some(DeadLetter {
                     kind: "crash-loop",
@@ -644,10 +648,11 @@ impl Pipeline {
     fn add(
         &self,
         batch: &mut Batch,
-        d: Delivery,
+        received: Received,
         id: MessageId,
         crash_loop: Option<DeadLetter>,
     ) -> usize {
+        let Received { at, delivery: d } = received;
         let origin = batch.deliveries.len();
         let (fate, admission) = match crash_loop {
             Some(letter) => (
@@ -681,7 +686,7 @@ impl Pipeline {
         };
         batch.fates.push(fate);
         batch.ids.push(id);
-        batch.received.push(Instant::now());
+        batch.received.push(at);
         batch.deliveries.push(d);
         texts
     }
@@ -753,9 +758,9 @@ impl Pipeline {
 /// The next delivery; `None` when the consumer ended, which is expected only while draining
 /// after `basic.cancel` (otherwise the broker cancelled us: the session is over).
 fn next_delivery(
-    item: Option<lapin::Result<Delivery>>,
+    item: Option<lapin::Result<Received>>,
     draining: bool,
-) -> Result<Option<Delivery>, StageError> {
+) -> Result<Option<Received>, StageError> {
     match item {
         Some(Ok(d)) => Ok(Some(d)),
         Some(Err(e)) => Err(amqp_error("consumer", e)),

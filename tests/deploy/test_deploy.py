@@ -54,6 +54,7 @@ KNOWN_METRICS = {
     "embed_duration_seconds",
     "write_duration_seconds",
     "lag_seconds",
+    "delivery_to_ack_seconds",
     "last_lag_seconds",
     "points_written_total",
     "texts_embedded_total",
@@ -72,7 +73,8 @@ KNOWN_METRICS = {
     "reconcile_runs_total",
     "reconcile_repairs_total",
 }
-HISTOGRAMS = {"batch_size_events", "embed_duration_seconds", "write_duration_seconds", "lag_seconds"}
+HISTOGRAMS = {"batch_size_events", "embed_duration_seconds", "write_duration_seconds", "lag_seconds",
+              "delivery_to_ack_seconds"}
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -691,7 +693,8 @@ def test_systemd_env_example_overrides_are_valid_config():
 
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 REQUIRED_ALERTS = {"CdcIndexerDlqGrowing", "CdcIndexerLagHigh", "CdcIndexerNotReady",
-                   "CdcIndexerPausedTooLong", "CdcIndexerMainQueueBacklog"}
+                   "CdcIndexerPausedTooLong", "CdcIndexerMainQueueBacklog", "CdcIndexerFreshnessSlow",
+                   "CdcIndexerShareSlow"}
 
 
 def test_alert_rules_shape():
@@ -765,7 +768,8 @@ def test_grafana_targets_use_known_metrics():
         used |= names
     # The brief's panels: outcomes, dead letters, lag, batch size, embed/write latency, paused,
     # broker connected, queue depths.
-    for needed in ("events_processed_total", "dead_lettered_total", "lag_seconds", "batch_size_events",
+    for needed in ("events_processed_total", "dead_lettered_total", "lag_seconds", "delivery_to_ack_seconds",
+                   "batch_size_events",
                    "embed_duration_seconds", "write_duration_seconds", "consumer_paused", "broker_connected",
                    "queue_messages"):
         assert needed in used, f"no panel shows cdc_indexer_{needed}"
